@@ -1,0 +1,422 @@
+"""EndpointClient and AsyncEndpointClient: the same methods, one blocking, one async.
+
+Built on the OpenAI SDK with its own retries turned off: this module is the only retry layer
+(jittered exponential backoff that honours Retry-After), so retries are counted and bounded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+import openai
+from openai.types.chat import ChatCompletion
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from client._constants import (
+    API_KEY_ENV,
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    DEFAULT_BASE_URL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_TIMEOUT,
+    RETRY_MAX_TOKENS,
+)
+from client._exceptions import (
+    AuthenticationError,
+    EndpointError,
+    InvalidInputError,
+    InvalidOutputError,
+    OutputTruncatedError,
+    RequestRejectedError,
+    ServerUnavailableError,
+)
+from client.models import EndpointExtraction
+from client.prompt import build_messages
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+_Self = TypeVar("_Self", bound="_BaseClient")
+
+
+@dataclass
+class Usage:
+    """Tokens and requests spent, retries and failed attempts included."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """One item of ``extract_many``: ``value`` when it worked, ``error`` when it did not."""
+
+    index: int
+    value: EndpointExtraction | None = None
+    error: EndpointError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Options:
+    base_url: str
+    api_key: str
+    model: str
+    timeout: httpx.Timeout
+    max_retries: int
+    max_tokens: int
+    max_connections: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise InvalidInputError(f"text must be a string, not {type(text).__name__}")
+    if not text.strip():
+        raise InvalidInputError("text is empty or whitespace only")
+    return text
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
+    return False
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    value = exc.response.headers.get("retry-after")
+    try:
+        return min(float(value), BACKOFF_MAX * 3) if value is not None else None
+    except ValueError:
+        return None
+
+
+class _Wait:
+    """Jittered exponential backoff, but never shorter than the server's Retry-After."""
+
+    def __init__(self) -> None:
+        self._backoff = wait_random_exponential(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX)
+
+    def __call__(self, state: RetryCallState) -> float:
+        backoff = self._backoff(state)
+        hint = _retry_after(state.outcome.exception() if state.outcome else None)
+        return max(backoff, hint) if hint is not None else backoff
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return exc.message
+
+
+def _translate(exc: BaseException, attempts: int) -> EndpointError:
+    if isinstance(exc, openai.APIStatusError):
+        message = _server_message(exc)
+        if _retryable(exc):
+            return ServerUnavailableError(
+                f"server answered {exc.status_code} after {attempts} attempts: {message}",
+                attempts=attempts,
+                status_code=exc.status_code,
+            )
+        cls = AuthenticationError if exc.status_code == 401 else RequestRejectedError
+        return cls(message, status_code=exc.status_code, body=exc.body)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return ServerUnavailableError(
+            f"cannot reach the server after {attempts} attempts: {type(cause).__name__}: {cause}",
+            attempts=attempts,
+        )
+    if isinstance(exc, EndpointError):
+        return exc
+    return EndpointError(f"{type(exc).__name__}: {exc}")
+
+
+class _BaseClient:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str = DEFAULT_MODEL,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_connections: int = 64,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        self._options = _Options(
+            base_url=base_url or os.environ.get("ENDPOINT_BASE_URL") or DEFAULT_BASE_URL,
+            api_key=api_key or os.environ.get(API_KEY_ENV) or "EMPTY",
+            model=model,
+            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            max_retries=max_retries,
+            max_tokens=max_tokens,
+            max_connections=max_connections,
+        )
+        self.usage = Usage()
+        self._usage_lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return self._options.base_url
+
+    @property
+    def model(self) -> str:
+        return self._options.model
+
+    def with_options(
+        self: _Self,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int | None = None,
+        max_tokens: int | None = None,
+    ) -> _Self:
+        """A new client with some options changed; this one is left as it is."""
+        o = self._options
+        return type(self)(
+            o.base_url,
+            api_key=o.api_key,
+            model=o.model,
+            timeout=o.timeout if timeout is None else timeout,
+            max_retries=o.max_retries if max_retries is None else max_retries,
+            max_tokens=o.max_tokens if max_tokens is None else max_tokens,
+            max_connections=o.max_connections,
+        )
+
+    def _request(self, text: str, max_tokens: int) -> dict[str, Any]:
+        return {
+            "model": self._options.model,
+            "messages": build_messages(text),
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "EndpointExtraction",
+                    "schema": EndpointExtraction.model_json_schema(),
+                    "strict": True,
+                },
+            },
+            "extra_body": {"chat_template_kwargs": {"enable_thinking": False}},
+        }
+
+    def _record(self, completion: ChatCompletion) -> None:
+        with self._usage_lock:
+            self.usage.requests += 1
+            if completion.usage is not None:
+                self.usage.prompt_tokens += completion.usage.prompt_tokens
+                self.usage.completion_tokens += completion.usage.completion_tokens
+
+    def _retry_kwargs(self) -> dict[str, Any]:
+        return {
+            "stop": stop_after_attempt(self._options.max_retries + 1),
+            "wait": _Wait(),
+            "retry": retry_if_exception(_retryable),
+            "reraise": False,
+        }
+
+    @staticmethod
+    def _parse(completion: ChatCompletion) -> EndpointExtraction | str:
+        """The extraction, or the raw text when the answer was cut at max_tokens."""
+        if not completion.choices:
+            raise InvalidOutputError("server returned no choices", raw="")
+        choice = completion.choices[0]
+        raw = choice.message.content or ""
+        if choice.finish_reason == "length":
+            return raw
+        try:
+            return EndpointExtraction.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "answer"
+            raise InvalidOutputError(
+                f"answer is not endpoint JSON: {where}: {first['msg']}", raw=raw
+            ) from None
+
+    def _truncated(self, raw: str, max_tokens: int) -> OutputTruncatedError:
+        return OutputTruncatedError(
+            f"answer cut at max_tokens={max_tokens} ({len(raw)} characters so far)",
+            raw=raw,
+            max_tokens=max_tokens,
+        )
+
+    def _budgets(self) -> list[int]:
+        first = self._options.max_tokens
+        return [first, max(first * 2, RETRY_MAX_TOKENS)]
+
+
+class EndpointClient(_BaseClient):
+    """Blocking client. ``with EndpointClient(url) as client: client.extract(text)``."""
+
+    def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        o = self._options
+        self._http = httpx.Client(
+            timeout=o.timeout,
+            limits=httpx.Limits(
+                max_connections=o.max_connections, max_keepalive_connections=o.max_connections
+            ),
+        )
+        self._openai = openai.OpenAI(
+            base_url=o.base_url, api_key=o.api_key, timeout=o.timeout, max_retries=0, http_client=self._http
+        )
+
+    def _create(self, text: str, max_tokens: int) -> ChatCompletion:
+        attempts = 0
+        try:
+            for attempt in Retrying(**self._retry_kwargs()):
+                with attempt:
+                    attempts += 1
+                    completion = self._openai.chat.completions.create(**self._request(text, max_tokens))
+        except RetryError as exc:
+            raise _translate(exc.last_attempt.exception() or exc, attempts) from None
+        except openai.OpenAIError as exc:
+            raise _translate(exc, attempts) from None
+        self._record(completion)
+        return completion
+
+    def extract(self, text: str) -> EndpointExtraction:
+        """Extract the endpoints of one text. Raises an EndpointError subclass on failure."""
+        text = _check_text(text)
+        budgets = self._budgets()
+        for max_tokens in budgets:
+            parsed = self._parse(self._create(text, max_tokens))
+            if isinstance(parsed, EndpointExtraction):
+                return parsed
+        raise self._truncated(parsed, budgets[-1])
+
+    def extract_many(self, texts: Iterable[str], *, concurrency: int = 8) -> list[ExtractionResult]:
+        """Extract every text with up to ``concurrency`` requests in flight. Results come back in
+        input order, each a value or an error: one failure never stops the others."""
+        items = list(texts)
+        _check_concurrency(concurrency, self._options.max_connections)
+
+        def one(index: int) -> ExtractionResult:
+            try:
+                return ExtractionResult(index, value=self.extract(items[index]))
+            except EndpointError as exc:
+                return ExtractionResult(index, error=exc)
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(one, range(len(items))))
+
+    def close(self) -> None:
+        self._openai.close()
+
+    def __enter__(self) -> EndpointClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEndpointClient(_BaseClient):
+    """Async client with the same methods as EndpointClient, as coroutines."""
+
+    def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        o = self._options
+        self._http = httpx.AsyncClient(
+            timeout=o.timeout,
+            limits=httpx.Limits(
+                max_connections=o.max_connections, max_keepalive_connections=o.max_connections
+            ),
+        )
+        self._openai = openai.AsyncOpenAI(
+            base_url=o.base_url, api_key=o.api_key, timeout=o.timeout, max_retries=0, http_client=self._http
+        )
+
+    async def _create(self, text: str, max_tokens: int) -> ChatCompletion:
+        attempts = 0
+        try:
+            async for attempt in AsyncRetrying(**self._retry_kwargs()):
+                with attempt:
+                    attempts += 1
+                    completion = await self._openai.chat.completions.create(**self._request(text, max_tokens))
+        except RetryError as exc:
+            raise _translate(exc.last_attempt.exception() or exc, attempts) from None
+        except openai.OpenAIError as exc:
+            raise _translate(exc, attempts) from None
+        self._record(completion)
+        return completion
+
+    async def extract(self, text: str) -> EndpointExtraction:
+        text = _check_text(text)
+        budgets = self._budgets()
+        for max_tokens in budgets:
+            parsed = self._parse(await self._create(text, max_tokens))
+            if isinstance(parsed, EndpointExtraction):
+                return parsed
+        raise self._truncated(parsed, budgets[-1])
+
+    async def extract_many(self, texts: Iterable[str], *, concurrency: int = 8) -> list[ExtractionResult]:
+        items = list(texts)
+        _check_concurrency(concurrency, self._options.max_connections)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(index: int) -> ExtractionResult:
+            async with gate:
+                try:
+                    return ExtractionResult(index, value=await self.extract(items[index]))
+                except EndpointError as exc:
+                    return ExtractionResult(index, error=exc)
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(items)))))
+
+    async def close(self) -> None:
+        await self._openai.close()
+
+    async def __aenter__(self) -> AsyncEndpointClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _check_concurrency(concurrency: int, pool: int) -> None:
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    if concurrency > pool:
+        raise ValueError(
+            f"concurrency {concurrency} exceeds the connection pool ({pool}); "
+            f"create the client with max_connections>={concurrency}"
+        )
+
+
+__all__: Sequence[str] = ("AsyncEndpointClient", "EndpointClient", "ExtractionResult", "Usage")

@@ -1,0 +1,56 @@
+"""The endpoint schema. These models are the single source of truth: the server enforces
+``EndpointExtraction.model_json_schema()`` and the client validates every answer against it."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MeasurementType(str, Enum):
+    CONTINUOUS = "continuous"
+    BINARY = "binary"
+    TIME_TO_EVENT = "time-to-event"
+    ORDINAL = "ordinal"
+
+
+class Endpoint(BaseModel):
+    """One endpoint. Field order is the model card's: guided decoding emits keys in this order."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    endpoint_name_standardized: str | None = Field(
+        description="Normalized endpoint name (e.g. ORR -> Objective Response Rate)."
+    )
+    measurement_of: str | None = Field(description="Underlying clinical concept being measured.")
+    measurement_type: MeasurementType | None = Field(
+        description="One of continuous, binary, time-to-event, ordinal."
+    )
+    metric_type: str | None = Field(
+        description="Statistical metric (mean, median, proportion, hazard ratio, ...)."
+    )
+    timeframe: str | None = Field(description='Assessment window (e.g. "24 weeks", "Up to 5 years").')
+    measurement_method: str | None = Field(
+        description="Physical tool or technique (CT scan, MRI, blood test), not a scoring system."
+    )
+    evaluation_criteria: str | None = Field(
+        description="Scoring system or guideline (RECIST v1.1, WHO criteria), not a measurement tool."
+    )
+    unit: str | None = Field(description="Measurement unit (%, mL, ms, ng/mL, ...).")
+    population: str | None = Field(description="Study population if specified (ITT, safety population, ...).")
+    is_composite: bool = Field(description="Whether the endpoint combines multiple events.")
+    components: list[str] = Field(description="Component events of a composite endpoint.")
+
+
+class EndpointExtraction(BaseModel):
+    """The model's whole answer: every endpoint found in one text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[Endpoint] = Field(min_length=1)
+
+
+def endpoint_json_schema() -> dict[str, object]:
+    """The JSON schema the server enforces, generated from the models above."""
+    return EndpointExtraction.model_json_schema()

@@ -1,0 +1,376 @@
+"""A tiny, random, seeded Gemma 4 in the real google/gemma-4-E4B-it layout, plus a LoRA adapter.
+
+Real weights cannot be downloaded everywhere this project runs (CI, offline machines), so the demo
+and the tests build a stand-in with the same structure as the real thing:
+
+* the base is ``Gemma4ForConditionalGeneration`` with text, vision and audio towers, per-layer
+  embeddings, a KV-shared layer and tied embeddings; tower projections are ``Gemma4ClippableLinear``
+  (weights at ``...q_proj.linear.weight``), exactly where the real checkpoint has them;
+* the tokenizer is a byte-level BPE trained on the fly with Gemma 4's turn tokens and a Gemma 4
+  style chat template;
+* the adapter is in PEFT's on-disk format with the model card's settings (r=16, alpha=16, seven
+  target modules) and carries tower LoRA keys under the names the card's monkey-patch produces
+  (``...q_proj.lora_A.weight``, no ``.linear``).
+
+One thing is planted on purpose: a random model under a JSON grammar writes strings that almost
+never close (a closing quote is a handful of tokens in the vocabulary). Embedding dimension 0 is
+set to a positive constant for every token and larger for JSON-closing tokens, which makes the
+random model prefer them, so guided outputs finish in tens of tokens instead of thousands on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DEMO_SEED = 0
+LORA_RANK = 16
+LORA_ALPHA = 16
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VOCAB_SIZE = 1024
+
+# Gemma 4's control tokens. The first four ids match the real tokenizer (pad, eos, bos, unk).
+SPECIAL_TOKENS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+    "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",
+    "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+    "<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>",
+)  # fmt: skip
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none -%}"
+    "{%- if sys is not none or enable_thinking -%}"
+    "{{ '<|turn>system\\n' }}{{ '<|think|>' if enable_thinking else '' }}{{ sys or '' }}{{ '<turn|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + m['content'] + '<turn|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
+)
+
+# Words and JSON fragments the demo tokenizer learns its merges from: the model card's prompt,
+# schema keys and typical endpoint vocabulary, so the demo's text looks like the real domain.
+_WORDS = [
+    "progression",
+    "free",
+    "survival",
+    "overall",
+    "objective",
+    "response",
+    "rate",
+    "complete",
+    "partial",
+    "disease",
+    "control",
+    "duration",
+    "time",
+    "to",
+    "event",
+    "hazard",
+    "ratio",
+    "median",
+    "mean",
+    "proportion",
+    "count",
+    "change",
+    "from",
+    "baseline",
+    "week",
+    "weeks",
+    "month",
+    "months",
+    "year",
+    "years",
+    "up",
+    "to",
+    "day",
+    "days",
+    "RECIST",
+    "v1.1",
+    "iRECIST",
+    "WHO",
+    "criteria",
+    "CT",
+    "scan",
+    "MRI",
+    "ECG",
+    "blood",
+    "test",
+    "HbA1c",
+    "mmHg",
+    "mg/dL",
+    "ng/mL",
+    "mL",
+    "ms",
+    "kg",
+    "cm",
+    "%",
+    "number",
+    "participants",
+    "patients",
+    "adverse",
+    "events",
+    "serious",
+    "safety",
+    "population",
+    "ITT",
+    "per-protocol",
+    "composite",
+    "components",
+    "death",
+    "myocardial",
+    "infarction",
+    "stroke",
+    "hospitalization",
+    "heart",
+    "failure",
+    "quality",
+    "of",
+    "life",
+    "score",
+    "scale",
+    "questionnaire",
+    "EQ-5D",
+    "HAM-D",
+    "PANSS",
+    "EDSS",
+    "NYHA",
+    "ACR20",
+    "PASI",
+    "biomarker",
+    "assessed",
+    "measured",
+    "randomization",
+    "treatment",
+    "continuous",
+    "binary",
+    "time-to-event",
+    "ordinal",
+    "endpoint_name_standardized",
+    "measurement_of",
+    "measurement_type",
+    "metric_type",
+    "timeframe",
+    "measurement_method",
+    "evaluation_criteria",
+    "unit",
+    "population",
+    "is_composite",
+    "components",
+    "endpoints",
+    "null",
+    "true",
+    "false",
+]
+_PROMPT_TEXT = (
+    "You are a clinical trial endpoint extraction system. Extract structured endpoint information "
+    "from clinical trial text. Return ONLY valid JSON. Extract all endpoint fields from this "
+    "clinical trial text. Return ONLY a JSON.\n\nText:\n\n\nOutput (JSON only):"
+)
+# Tokens whose embedding gets the planted bias, by tier. Inside a string everything but a quote
+# is plain text, so quote closers must outrank the others or `nullnull...` never ends; `",` is
+# left out because it would keep a list growing.
+_CLOSER_BIAS = {
+    '"': 2.0,
+    '"]': 2.0,
+    '"}': 2.0,
+    "null": 1.5,
+    "]": 1.5,
+    "}": 1.5,
+    "false": 1.5,
+    "}]": 1.5,
+    "]}": 1.5,
+}
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    base: Path
+    adapter: Path
+
+
+def text_config(vocab_size: int = VOCAB_SIZE) -> dict[str, object]:
+    """A 4-layer Gemma 4 text config: sliding/full alternating; the last two layers share the KV
+    cache of the first two (vLLM needs an earlier layer of the same type to share with)."""
+    return {
+        "vocab_size": vocab_size,
+        "vocab_size_per_layer_input": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "global_head_dim": 128,
+        "hidden_size_per_layer_input": 16,
+        "num_kv_shared_layers": 2,
+        "sliding_window": 128,
+        "max_position_embeddings": 4096,
+        "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "eos_token_id": [1, 6],
+        "bos_token_id": 2,
+    }
+
+
+def _train_tokenizer(seed: int):  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    examples = [
+        '{"endpoints": [{"endpoint_name_standardized": "Body height", "measurement_of": "height", '
+        '"measurement_type": "continuous", "metric_type": null, "timeframe": null, '
+        '"measurement_method": "Stadiometer", "evaluation_criteria": null, "unit": "cm", '
+        '"population": null, "is_composite": false, "components": []}]}'
+    ]
+    corpus = [_PROMPT_TEXT, *examples * 50]
+    corpus += [" ".join(rng.choice(_WORDS) for _ in range(40)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        additional_special_tokens=list(SPECIAL_TOKENS[5:]),
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.add_bos_token = False  # the chat template writes <bos> itself
+    return fast
+
+
+def _plant_closing_bias(embed: torch.Tensor, tokenizer: object) -> None:
+    vocab: dict[str, int] = tokenizer.get_vocab()  # type: ignore[attr-defined]
+    embed[:, 0] = 1.0
+    for piece, bias in _CLOSER_BIAS.items():
+        ids = tokenizer.encode(piece, add_special_tokens=False)  # type: ignore[attr-defined]
+        if len(ids) == 1:
+            embed[ids[0], 0] = bias
+    assert embed.shape[0] >= len(vocab)
+
+
+def write_base(out: Path, seed: int = DEMO_SEED) -> Path:
+    """Write a random Gemma4ForConditionalGeneration checkpoint with tokenizer to ``out``."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Gemma4Config(
+        text_config=text_config(),
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+            "position_embedding_size": 64, "use_clipped_linears": True,
+        },
+        audio_config={
+            "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "subsampling_conv_channels": [8, 4], "output_proj_dims": 32,
+        },
+        boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"],
+        audio_token_id=ids["<|audio|>"],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        _plant_closing_bias(model.model.language_model.embed_tokens.weight, tokenizer)
+        # Clip bounds are finite in the real checkpoint; make them so here, so a merge that drops
+        # or resets them is caught.
+        for name, buf in model.named_buffers():
+            if name.endswith(("input_min", "output_min")):
+                buf.fill_(-8.0)
+            elif name.endswith(("input_max", "output_max")):
+                buf.fill_(8.0)
+    model.config.architectures = ["Gemma4ForConditionalGeneration"]
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, ids["<turn|>"]], pad_token_id=0).save_pretrained(out)
+    return out
+
+
+def _linear_shapes(base: Path) -> dict[str, tuple[int, int]]:
+    """Module path -> (out, in) of every LoRA target in the base, named as PEFT would name it
+    after the model card's monkey-patch (tower ``...q_proj.linear`` becomes ``...q_proj``)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                parts = key.split(".")
+                if parts[-1] != "weight":
+                    continue
+                module = parts[:-2] if parts[-2] == "linear" else parts[:-1]
+                if module[-1] in TARGET_MODULES:
+                    out_f, in_f = f.get_slice(key).get_shape()
+                    shapes[".".join(module)] = (out_f, in_f)
+    return shapes
+
+
+def write_adapter(base: Path, out: Path, seed: int = DEMO_SEED, *, towers: bool = True) -> Path:
+    """Write a random LoRA adapter for ``base`` in PEFT's format (non-zero B, seeded)."""
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (out_f, in_f) in sorted(_linear_shapes(base).items()):
+        if not towers and ".language_model." not in f".{module}.":
+            continue
+        a = torch.randn(LORA_RANK, in_f, generator=gen) / in_f**0.5
+        b = torch.randn(out_f, LORA_RANK, generator=gen) * 0.02
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.05,
+        "target_modules": sorted(TARGET_MODULES),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def build_demo(root: Path, seed: int = DEMO_SEED) -> DemoPaths:
+    """Write the demo base and adapter under ``root`` (reused when already complete)."""
+    base, adapter = root / "base", root / "adapter"
+    if not (base / "config.json").exists():
+        write_base(base, seed)
+    if not (adapter / "adapter_config.json").exists():
+        write_adapter(base, adapter, seed)
+    return DemoPaths(base=base, adapter=adapter)

@@ -1,0 +1,122 @@
+"""Every server setting in one validated object: flags, environment variables (ENDPOINT_*) and
+defaults, in that order of precedence. Flags are generated from the fields, help text included."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SchemaPolicy = Literal["default", "force", "off"]
+
+
+def _default_demo_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "endpoint-extractor" / "demo"
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENDPOINT_", extra="forbid")
+
+    model: str | None = Field(None, description="merged checkpoint to serve: local directory or hub id")
+    demo: bool = Field(
+        False,
+        description="build the tiny random demo model and adapter, merge them (text-only) and serve that",
+    )
+    demo_dir: Path = Field(default_factory=_default_demo_dir, description="where --demo writes its model")
+    extract: str | None = Field(
+        None, description="start the server, print the extraction of this text as JSON, then stop"
+    )
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=1, le=65535, description="port to bind")
+    served_model_name: str = Field("endpoint-extractor", description="model name clients ask for")
+    api_key: SecretStr | None = Field(None, description="require this bearer token (or ENDPOINT_API_KEY)")
+    allow_unauthenticated: bool = Field(
+        False, description="allow binding a non-loopback address without --api-key"
+    )
+    schema_policy: SchemaPolicy = Field(
+        "default",
+        description="default: add the endpoint schema to chat requests that bring none; "
+        "force: also refuse requests that bring another format; off: plain vLLM",
+    )
+    max_model_len: int = Field(
+        2048, ge=256, description="context length: the prompt (~100 tokens) plus the longest output"
+    )
+    max_tokens_cap: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
+    structured_backend: Literal["xgrammar", "guidance", "outlines", "auto"] = Field(
+        "xgrammar", description="vLLM structured-output backend"
+    )
+    any_whitespace: bool = Field(
+        False,
+        description="let guided JSON contain free whitespace (off: compact JSON, fewer tokens, no "
+        "whitespace runaway)",
+    )
+    cpu_kvcache_gib: float = Field(
+        1.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)"
+    )
+    shutdown_timeout: int = Field(30, ge=0, description="seconds SIGTERM waits for in-flight requests")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if not self.model and not self.demo:
+            raise ValueError("give --model DIR (a merged checkpoint) or --demo")
+        if self.model and self.demo:
+            raise ValueError("give either --model or --demo, not both")
+        if self.extract is not None and not self.extract.strip():
+            raise ValueError("--extract needs a non-empty text")
+        if not is_loopback(self.host) and self.api_key is None and not self.allow_unauthenticated:
+            raise ValueError(
+                f"refusing to bind {self.host} (beyond loopback) without --api-key; "
+                "pass --allow-unauthenticated to do it anyway"
+            )
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as printed at start-up: secrets masked."""
+        shown = self.model_dump(mode="json")
+        shown["api_key"] = "***" if self.api_key is not None else None
+        return shown
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="Serve the clinical-trial endpoint extractor with vLLM. Arguments not listed "
+        "here are passed to vLLM unchanged.",
+    )
+    for name, field in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=field.description)
+        else:
+            parser.add_argument(flag, default=None, metavar=name.upper(), help=field.description)
+    return parser
+
+
+def parse_settings(argv: list[str]) -> tuple[ServeSettings, list[str]]:
+    """Settings from ``argv`` and the environment, plus the arguments meant for vLLM."""
+    known, passthrough = build_parser().parse_known_args(argv)
+    explicit = {k: v for k, v in vars(known).items() if v is not None}
+    try:
+        return ServeSettings(**explicit), passthrough
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise SystemExit(f"serve: error: {where + ': ' if where else ''}{message}") from None
