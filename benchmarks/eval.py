@@ -562,7 +562,9 @@ def _describe(d: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.eval", description="Extraction quality: predict, score, compare."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("predict", help="run a server over the gold texts, write predictions JSONL")
