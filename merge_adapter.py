@@ -68,7 +68,8 @@ ST_DTYPES: dict[str, tuple[int, torch.dtype]] = {
 }  # fmt: skip
 ST_NAME = {torch_dtype: name for name, (_, torch_dtype) in ST_DTYPES.items()}
 CASTABLE = {"F64", "F32", "F16", "BF16"}  # what --dtype converts; integers and fp8 stay as they are
-CHUNK_BYTES = 64 << 20  # copies and casts stream through this much memory at a time
+CHUNK_BYTES = 16 << 20  # copies and casts stream through this much memory at a time
+CHUNK_VALUES = 1 << 22  # merges and NF4 round trips work on this many fp32 values at a time
 
 
 class MergeError(Exception):
@@ -389,16 +390,33 @@ def dynamic_quantize(
 def nf4_roundtrip(
     weight: torch.Tensor, dtype: torch.dtype | None = None, *, double_quant: bool = True
 ) -> torch.Tensor:
-    """``weight`` quantized to NF4 and dequantized again, as bitsandbytes would hand it to a matmul."""
-    flat = weight.detach().reshape(-1).to(torch.float32)
-    index, absmax = nf4_quantize(flat)
-    if double_quant:
+    """``weight`` quantized to NF4 and dequantized again, as bitsandbytes would hand it to a matmul.
+    Works through CHUNK_VALUES values at a time: beside the result it holds one byte per value."""
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmaxes = []
+    for start in range(0, n, CHUNK_VALUES):
+        index, absmax = nf4_quantize(flat[start : start + CHUNK_VALUES].to(torch.float32))
+        codes[start : start + CHUNK_VALUES] = index.reshape(-1)[: min(CHUNK_VALUES, n - start)].to(
+            torch.uint8
+        )
+        absmaxes.append(absmax)
+    absmax = torch.cat(absmaxes) if absmaxes else torch.zeros(0)
+    if double_quant and absmax.numel():
         offset = absmax.mean()
         q_stats, stats_absmax = dynamic_quantize(absmax - offset)
         absmax = (DYNAMIC_CODE[q_stats] * stats_absmax[:, None]).reshape(-1)[: absmax.numel()] + offset
-    # As bitsandbytes' dequantize kernel: the fp32 product, rounded once to the weight's dtype.
-    values = (NF4_CODE[index] * absmax[:, None]).reshape(-1)[: flat.numel()]
-    return values.to(dtype or weight.dtype).reshape(weight.shape)
+    out = torch.empty(n, dtype=dtype or weight.dtype)
+    blocks_per_chunk = CHUNK_VALUES // NF4_BLOCKSIZE
+    for chunk, start in enumerate(range(0, n, CHUNK_VALUES)):
+        index = codes[start : start + CHUNK_VALUES].long()
+        scale = absmax[chunk * blocks_per_chunk : (chunk + 1) * blocks_per_chunk]
+        index = torch.nn.functional.pad(index, (0, -index.numel() % NF4_BLOCKSIZE)).view(-1, NF4_BLOCKSIZE)
+        # As bitsandbytes' dequantize kernel: the fp32 product, rounded once to the weight's dtype.
+        values = (NF4_CODE[index] * scale[:, None]).reshape(-1)[: min(CHUNK_VALUES, n - start)]
+        out[start : start + CHUNK_VALUES] = values
+    return out.reshape(weight.shape)
 
 
 def lm_linear_weights(base: Path, index: Mapping[str, Entry]) -> list[str]:
@@ -428,8 +446,11 @@ def lm_linear_weights(base: Path, index: Mapping[str, Entry]) -> list[str]:
 
 
 def merged_tensor(weight: torch.Tensor, pair: LoraPair, dtype: torch.dtype) -> torch.Tensor:
-    delta = pair.b.to(torch.float32) @ pair.a.to(torch.float32)
-    return (weight.to(torch.float32) + pair.scale * delta).to(dtype).contiguous()
+    """W + scale * B @ A in fp32, rounded once to ``dtype``. ``weight`` may be a block of rows,
+    with ``pair.b`` the same rows of B."""
+    merged = weight.to(torch.float32, copy=True)
+    merged.addmm_(pair.b.to(torch.float32), pair.a.to(torch.float32), alpha=pair.scale)
+    return merged.to(dtype).contiguous()
 
 
 def is_language_model(key: str) -> bool:
@@ -539,14 +560,8 @@ def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str
                         original, weight = weight, nf4_roundtrip(weight)
                         nf4_errors[item.source.name] = _relative_error(weight, original)
                         del original
-                    out_dtype = ST_DTYPES[item.dtype][1]
-                    result = (
-                        weight.to(out_dtype)
-                        if item.pair is None
-                        else merged_tensor(weight, item.pair, out_dtype)
-                    )
-                    _write_tensor(dst, result)
-                    del weight, result
+                    _write_changed(dst, weight, item.pair, ST_DTYPES[item.dtype][1])
+                    del weight
                 if dst.tell() - data_start != expected:
                     raise MergeError(f"internal error: {item.name} wrote the wrong number of bytes")
     finally:
@@ -555,10 +570,31 @@ def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str
     return nf4_errors
 
 
+def _write_changed(dst: BinaryIO, weight: torch.Tensor, pair: LoraPair | None, dtype: torch.dtype) -> None:
+    """Write ``weight`` (merged with ``pair`` when given) as ``dtype``, a block of rows at a time, so
+    that the fp32 copies stay small whatever the weight's size."""
+    rows = max(1, CHUNK_VALUES // max(1, weight[0].numel())) if weight.ndim else 1
+    if weight.ndim == 0 or pair is None and weight.dtype == dtype:
+        _write_tensor(dst, weight.to(dtype))
+        return
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows]
+        if pair is None:
+            _write_tensor(dst, block.to(dtype))
+        else:
+            part = LoraPair(pair.module, pair.a, pair.b[start : start + rows], pair.scale)
+            _write_tensor(dst, merged_tensor(block, part, dtype))
+
+
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    exact32 = exact.to(torch.float32)
-    norm = torch.linalg.vector_norm(exact32)
-    return float(torch.linalg.vector_norm(approx.to(torch.float32) - exact32) / norm) if norm > 0 else 0.0
+    """||approx - exact|| / ||exact||, accumulated a chunk at a time."""
+    error = norm = 0.0
+    a, e = approx.reshape(-1), exact.reshape(-1)
+    for start in range(0, e.numel(), CHUNK_VALUES):
+        exact_part = e[start : start + CHUNK_VALUES].to(torch.float64)
+        error += float((a[start : start + CHUNK_VALUES].to(torch.float64) - exact_part).square().sum())
+        norm += float(exact_part.square().sum())
+    return math.sqrt(error / norm) if norm > 0 else 0.0
 
 
 def text_only_config(config: dict[str, Any], dtype_name: str | None) -> dict[str, Any]:
@@ -573,7 +609,16 @@ def text_only_config(config: dict[str, Any], dtype_name: str | None) -> dict[str
     return text
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, where there is one: ru_maxrss also counts the
+    parent's memory when the process was started by vfork + exec, as Python's subprocess does."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
@@ -695,7 +740,7 @@ def merge(
         for name in TOKENIZER_FILES + (() if text_only else PROCESSOR_FILES):
             if (base / name).exists():
                 shutil.copy2(base / name, staging / name)
-        report.peak_rss_mib = _peak_rss_mib()
+        report.peak_rss_mib = peak_rss_mib()
 
         if verify:
             from verify_merge import verify as verify_logits  # noqa: PLC0415 - heavy, only with --verify

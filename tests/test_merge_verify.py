@@ -125,3 +125,26 @@ def test_nf4_base_weights(demo: DemoPaths, tmp_path: Path) -> None:
     assert result["ok"] and result["within_fp32_tolerance"] and "NF4" in result["reference"]
     drift = result["nf4_drift_from_plain_merge"]
     assert drift["max_abs_logit_diff"] > 1e-3 and drift["kl_mean"] > 0
+
+
+def test_streaming_in_small_pieces_changes_nothing(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies, casts, merges and NF4 round trips all go through bounded buffers; with buffers far
+    smaller than any tensor the output is the same."""
+    args = ("--dtype", "fp32", "--base-weights", "nf4")
+    assert _run(*_args(demo, tmp_path / "whole", *args)) == 0
+    monkeypatch.setattr(merge_adapter, "CHUNK_VALUES", 1024)
+    monkeypatch.setattr(merge_adapter, "CHUNK_BYTES", 4096)
+    assert _run(*_args(demo, tmp_path / "pieces", *args)) == 0
+    whole, pieces = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "pieces" / "model.safetensors"),
+    )
+    merged = set(json.loads((tmp_path / "whole" / "merge_report.json").read_text())["merged"])
+    assert set(whole) == set(pieces) and merged
+    for key, tensor in whole.items():
+        if key in merged:
+            torch.testing.assert_close(pieces[key], tensor, rtol=0, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(pieces[key], tensor), key

@@ -158,3 +158,12 @@ def test_against_bitsandbytes_where_it_imports() -> None:
             index, _ = nf4_quantize(weight.reshape(-1).float())
             ours = (NF4_CODE[index] * absmax[:, None]).reshape(-1)[: weight.numel()].to(dtype).reshape(shape)
             assert torch.equal(ours, functional.dequantize_4bit(q, state))
+
+
+def test_round_trip_in_chunks_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import merge_adapter
+
+    weight = (torch.randn(301, 129, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    whole = nf4_roundtrip(weight)
+    monkeypatch.setattr(merge_adapter, "CHUNK_VALUES", 128)  # 304 chunks, the last one short
+    assert torch.equal(nf4_roundtrip(weight), whole)
