@@ -573,7 +573,7 @@ def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str
 def _write_changed(dst: BinaryIO, weight: torch.Tensor, pair: LoraPair | None, dtype: torch.dtype) -> None:
     """Write ``weight`` (merged with ``pair`` when given) as ``dtype``, a block of rows at a time, so
     that the fp32 copies stay small whatever the weight's size."""
-    rows = max(1, CHUNK_VALUES // max(1, weight[0].numel())) if weight.ndim else 1
+    rows = max(1, CHUNK_VALUES // max(1, math.prod(weight.shape[1:])))
     if weight.ndim == 0 or pair is None and weight.dtype == dtype:
         _write_tensor(dst, weight.to(dtype))
         return
@@ -610,8 +610,8 @@ def text_only_config(config: dict[str, Any], dtype_name: str | None) -> dict[str
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory. VmHWM, where there is one: ru_maxrss also counts the
-    parent's memory when the process was started by vfork + exec, as Python's subprocess does."""
+    """This process's peak resident memory: VmHWM where there is one. Linux carries the peak from
+    before exec into ru_maxrss, so there it would include the parent that started this process."""
     try:
         with open("/proc/self/status") as status:
             for line in status:

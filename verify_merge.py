@@ -154,9 +154,27 @@ def verify(
     """Merged vs unmerged logits; returns the verdict and the numbers for merge_report.json."""
     from transformers.utils import logging as hf_logging
 
-    started = time.perf_counter()
+    # Loading progress bars and warnings would bury the one-line verdict; put them back after.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        return _verify(base, merged, targets, compute_dtype, nf4_weights or {}, texts)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _verify(
+    base: Path,
+    merged: Path,
+    targets: Mapping[str, LoraPair],
+    compute_dtype: torch.dtype,
+    nf4_weights: Mapping[str, torch.dtype],
+    texts: Sequence[str],
+) -> dict[str, Any]:
+    started = time.perf_counter()
     prompts = prompt_ids(base, texts)
 
     model = load_model(merged, compute_dtype)
