@@ -823,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=args.verify,
         )
     except MergeError as exc:
-        print(f"merge_adapter: error: {exc}", file=sys.stderr)
+        print(f"merge_adapter: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return 2
     verified = f", verified: {report.verification['summary']}" if report.verification else ""
     print(

@@ -54,7 +54,10 @@ def prompt_ids(tokenizer_dir: Path, texts: Sequence[str] = VERIFY_TEXTS) -> list
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the same thing here
-        raise MergeError(f"verification needs the base's tokenizer ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise MergeError(
+            f"verification needs the base's tokenizer ({type(exc).__name__}: {reason})"
+        ) from None
     ids = []
     for text in texts:
         if tokenizer.chat_template:

@@ -148,3 +148,15 @@ def test_streaming_in_small_pieces_changes_nothing(
             torch.testing.assert_close(pieces[key], tensor, rtol=0, atol=1e-6, msg=key)
         else:
             assert torch.equal(pieces[key], tensor), key
+
+
+def test_verify_without_a_tokenizer_is_a_one_line_error(
+    demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(demo.base, base, ignore=shutil.ignore_patterns("tokenizer*"))
+    out = tmp_path / "merged"
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out), "--verify") != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
