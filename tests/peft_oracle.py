@@ -31,6 +31,8 @@ def peft_model(base: Path, adapter: Path) -> torch.nn.Module:
         lora_alpha=cfg["lora_alpha"],
         lora_dropout=0.0,
         use_rslora=cfg.get("use_rslora", False),
+        rank_pattern=cfg.get("rank_pattern") or {},
+        alpha_pattern=cfg.get("alpha_pattern") or {},
         target_modules=rf".*language_model.*\.{TARGETS}|.*(vision|audio)_tower.*\.{TARGETS}\.linear",
     )
     model = get_peft_model(load_base(base), config)

@@ -125,11 +125,33 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
         "unknown-target": (_adapter_copy(demo.adapter, tmp / "unknown", tensors=unknown), "qkv"),
         "another-base": (_adapter_copy(demo.adapter, tmp / "other", tensors=elsewhere), "layers.99"),
         "not-lora": (_adapter_copy(demo.adapter, tmp / "ia3", config={"peft_type": "IA3"}), "IA3"),
+        "rank-pattern": (
+            _adapter_copy(demo.adapter, tmp / "rank", config={"rank_pattern": {"q_proj": 8}}),
+            "r=8",
+        ),
+        "alora": (
+            _adapter_copy(demo.adapter, tmp / "alora", config={"alora_invocation_tokens": [5, 6]}),
+            "Activated LoRA",
+        ),
+        "lora-bias": (_adapter_copy(demo.adapter, tmp / "lbias", config={"lora_bias": True}), "lora_bias"),
         "missing": (tmp / "does-not-exist", "does-not-exist"),
     }
 
 
-@pytest.mark.parametrize("case", ["dora", "shape", "unknown-target", "another-base", "not-lora", "missing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dora",
+        "shape",
+        "unknown-target",
+        "another-base",
+        "not-lora",
+        "rank-pattern",
+        "alora",
+        "lora-bias",
+        "missing",
+    ],
+)
 def test_refusals_are_one_line_nonzero_and_leave_no_output(
     case: str, demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

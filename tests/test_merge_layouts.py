@@ -1,0 +1,193 @@
+"""merge_adapter.py on a multi-shard base and on an rsLoRA adapter with rank/alpha patterns, against PEFT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import merge_adapter
+from serve.demo_model import DemoPaths
+from tests.peft_oracle import load_base, peft_model
+
+IDS = torch.tensor([[2, 5, 40, 41, 300, 512, 77, 6, 5, 100]])
+
+
+def _run(*args: str) -> int:
+    return merge_adapter.main(list(args))
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _index(directory: Path) -> dict[str, str]:
+    return json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+@pytest.fixture(scope="module")
+def sharded_base(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo base re-saved by transformers in shards of at most 400 kB."""
+    out = tmp_path_factory.mktemp("sharded") / "base"
+    load_base(demo.base).to(torch.bfloat16).save_pretrained(out, max_shard_size="400KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy2(demo.base / name, out / name)
+    return out
+
+
+def test_sharded_base_is_the_demo_base(demo: DemoPaths, sharded_base: Path) -> None:
+    files = set(_index(sharded_base).values())
+    assert len(files) >= 3 and not (sharded_base / "model.safetensors").exists()
+    original, resharded = load_file(demo.base / "model.safetensors"), _state(sharded_base)
+    assert set(original) == set(resharded)
+    assert all(torch.equal(original[k], resharded[k]) for k in original)
+
+
+def test_multi_shard_full_merge_equals_peft_and_keeps_the_layout(
+    demo: DemoPaths, sharded_base: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "merged"
+    assert (
+        _run(
+            "--base",
+            str(sharded_base),
+            "--adapter",
+            str(demo.adapter),
+            "--output",
+            str(out),
+            "--dtype",
+            "fp32",
+        )
+        == 0
+    )
+
+    base_map, out_map = _index(sharded_base), _index(out)
+    assert out_map == base_map  # every tensor in the shard it came from, under the same file name
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(set(base_map.values()))
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            assert {k for k in f.keys()} == {k for k, v in out_map.items() if v == file.name}
+    size = sum(t.numel() * t.element_size() for t in _state(out).values())
+    assert json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == size
+
+    reference = peft_model(sharded_base, demo.adapter).merge_and_unload().state_dict()
+    reference.pop("lm_head.weight")
+    ours = _state(out)
+    assert set(ours) == set(reference)
+    for key, ref in reference.items():
+        torch.testing.assert_close(ours[key], ref, rtol=0, atol=1e-6, msg=key)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert len(report["merged"]) == 24 and len(report["merged_tower"]) == 10
+
+
+def test_multi_shard_text_only_merge_verifies_and_serves_the_right_logits(
+    demo: DemoPaths, sharded_base: Path, tmp_path: Path
+) -> None:
+    from transformers import Gemma4ForCausalLM
+
+    out = tmp_path / "text"
+    args = ["--base", str(sharded_base), "--adapter", str(demo.adapter), "--output", str(out)]
+    assert _run(*args, "--dtype", "fp32", "--text-only", "--verify") == 0
+    weight_map = _index(out)
+    assert all(k.startswith("model.") and "tower" not in k and "language_model" not in k for k in weight_map)
+    assert set(weight_map.values()) == {p.name for p in out.glob("*.safetensors")}
+    assert set(weight_map) == set(_state(out))
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["verification"]["ok"] and report["verification"]["within_fp32_tolerance"]
+
+    with torch.no_grad():
+        expected = peft_model(sharded_base, demo.adapter)(input_ids=IDS).logits
+        text = Gemma4ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(text, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# rsLoRA with rank_pattern and alpha_pattern
+
+RANK_PATTERN = {
+    "language_model.layers.1.mlp.down_proj": 8,
+    r"language_model\.layers\.[23]\.self_attn\.q_proj": 4,
+}
+ALPHA_PATTERN = {"language_model.*o_proj": 64, "language_model.layers.0.mlp.gate_proj": 4}
+
+
+@pytest.fixture(scope="module")
+def rslora_adapter(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo adapter with use_rslora and per-module ranks and alphas (new tensors where the rank
+    changes). The patterns name language-model modules only: PEFT, as the oracle wraps the towers'
+    inner `.linear`, would not match tower patterns the way the model card's patched names do."""
+    out = tmp_path_factory.mktemp("rslora") / "adapter"
+    shutil.copytree(demo.adapter, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(7)
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        rank = merge_adapter._pattern_value(RANK_PATTERN, module, 16)
+        if rank != 16:
+            b_key = key.replace("lora_A", "lora_B")
+            in_f, out_f = tensors[key].shape[1], tensors[b_key].shape[0]
+            tensors[key] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
+            tensors[b_key] = torch.randn(out_f, rank, generator=gen) * 0.02
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "adapter_config.json").read_text())
+    config.update(use_rslora=True, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def test_rslora_with_patterns_equals_peft(demo: DemoPaths, rslora_adapter: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    args = [
+        "--base",
+        str(demo.base),
+        "--adapter",
+        str(rslora_adapter),
+        "--output",
+        str(out),
+        "--dtype",
+        "fp32",
+    ]
+    assert _run(*args, "--verify") == 0
+
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["use_rslora"] and report["scale"] == 16 / 16**0.5
+    overrides = report["scale_overrides"]
+    lm = "model.language_model.layers"
+    assert overrides[f"{lm}.0.self_attn.o_proj"] == pytest.approx(64 / 16**0.5)
+    assert overrides[f"{lm}.1.mlp.down_proj"] == pytest.approx(16 / 8**0.5)
+    assert overrides[f"{lm}.3.self_attn.q_proj"] == pytest.approx(16 / 4**0.5)
+    assert overrides[f"{lm}.0.mlp.gate_proj"] == pytest.approx(4 / 16**0.5)
+    assert report["verification"]["ok"]
+
+    model = peft_model(demo.base, rslora_adapter)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    reference = model.merge_and_unload().state_dict()
+    reference.pop("lm_head.weight")
+    ours = load_file(out / "model.safetensors")
+    for key, ref in reference.items():
+        torch.testing.assert_close(ours[key], ref, rtol=0, atol=1e-6, msg=key)
+    with torch.no_grad():
+        merged = load_base(out)(input_ids=IDS).logits
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_patterns_apply_to_the_names_the_adapter_was_trained_under(demo: DemoPaths, tmp_path: Path) -> None:
+    """A pattern naming `q_proj` reaches the towers' q_proj too: under the model card's patch that
+    is the module's name during training (its weight is `.linear.weight` only in the base)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(demo.adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"q_proj": 32}}))
+    _, pairs = merge_adapter.load_adapter(adapter)
+    tower = [p for m, p in pairs.items() if "vision_tower" in m and m.endswith("q_proj")]
+    assert tower and all(p.scale == 2.0 for p in tower)
+    assert pairs["model.language_model.layers.0.self_attn.k_proj"].scale == 1.0
