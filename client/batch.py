@@ -621,7 +621,7 @@ class BatchJob:
                     task.cancel()
             if window:
                 await asyncio.gather(*window, return_exceptions=True)
-            writer.sync()
+            await writer.sync()
             bar.close()
             s = self.summary
             s.elapsed_s = time.perf_counter() - start
@@ -715,21 +715,31 @@ async def _openai_call(client: AsyncEndpointClient, record: Record) -> tuple[dic
 
 @dataclass
 class _Writer:
-    """Appends whole lines: one write and a flush per line, so a crash can tear only the last one."""
+    """Appends whole lines: one write and a flush per line, so a crash of the process can tear only
+    the last one. The fsync (against a crash of the machine) runs in a thread every
+    BATCH_FSYNC_INTERVAL, so a slow disk does not stall the event loop and the requests in flight."""
 
     file: IO[bytes]
     synced: float = field(default_factory=time.monotonic)
+    pending: asyncio.Future[None] | None = None
 
     def write(self, line: dict[str, Any]) -> None:
         self.file.write(_dumps(line) + b"\n")
         self.file.flush()
-        if time.monotonic() - self.synced >= BATCH_FSYNC_INTERVAL:
-            self.sync()
+        if self.pending is not None and self.pending.done():
+            self.pending.result()  # an fsync that failed fails the job here
+            self.pending = None
+        now = time.monotonic()
+        if self.pending is None and now - self.synced >= BATCH_FSYNC_INTERVAL:
+            self.synced = now
+            self.pending = asyncio.get_running_loop().run_in_executor(None, os.fsync, self.file.fileno())
 
-    def sync(self) -> None:
+    async def sync(self) -> None:
+        if self.pending is not None:
+            await self.pending
+            self.pending = None
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.synced = time.monotonic()
 
 
 async def run_batch(config: BatchConfig, client: AsyncEndpointClient) -> Summary:
