@@ -16,6 +16,7 @@ from client._exceptions import (
     RequestRejectedError,
     ServerUnavailableError,
 )
+from client.grounding import GroundingWarning, check_grounding
 from client.models import Endpoint, EndpointExtraction, MeasurementType, endpoint_json_schema
 from client.prompt import SYSTEM_PROMPT, USER_TEMPLATE, build_messages
 
@@ -27,6 +28,7 @@ __all__ = [
     "EndpointClient",
     "EndpointError",
     "EndpointExtraction",
+    "GroundingWarning",
     "ExtractionResult",
     "InvalidInputError",
     "InvalidOutputError",
@@ -38,5 +40,6 @@ __all__ = [
     "USER_TEMPLATE",
     "Usage",
     "build_messages",
+    "check_grounding",
     "endpoint_json_schema",
 ]

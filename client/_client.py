@@ -49,6 +49,7 @@ from client._exceptions import (
     RequestRejectedError,
     ServerUnavailableError,
 )
+from client.grounding import GroundingWarning, check_grounding
 from client.models import EndpointExtraction
 from client.prompt import build_messages
 
@@ -76,11 +77,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class ExtractionResult:
-    """One item of ``extract_many``: ``value`` when it worked, ``error`` when it did not."""
+    """One item of ``extract_many``: ``value`` when it worked, ``error`` when it did not.
+    ``warnings``: grounding warnings on ``value``, filled only by a client made with
+    ``grounding=True``; ``value`` itself is the model's answer as is."""
 
     index: int
     value: EndpointExtraction | None = None
     error: EndpointError | None = None
+    warnings: tuple[GroundingWarning, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -98,6 +102,7 @@ class _Options:
     max_connections: int
     transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    grounding: bool = False
 
 
 @functools.cache
@@ -202,6 +207,7 @@ class _BaseClient:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         max_connections: int = 64,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        grounding: bool = False,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -216,6 +222,7 @@ class _BaseClient:
             max_tokens=max_tokens,
             max_connections=max_connections,
             transport=transport,
+            grounding=grounding,
         )
         self.usage = Usage()
         self._usage_lock = threading.Lock()
@@ -246,7 +253,12 @@ class _BaseClient:
             max_tokens=o.max_tokens if max_tokens is None else max_tokens,
             max_connections=o.max_connections,
             transport=o.transport,
+            grounding=o.grounding,
         )
+
+    def _checked(self, index: int, text: str, value: EndpointExtraction) -> ExtractionResult:
+        warnings = tuple(check_grounding(text, value)) if self._options.grounding else ()
+        return ExtractionResult(index, value=value, warnings=warnings)
 
     def _request(self, text: str, max_tokens: int) -> dict[str, Any]:
         """The JSON body of one extraction request."""
@@ -313,7 +325,10 @@ class _BaseClient:
 
 
 class EndpointClient(_BaseClient):
-    """Blocking client. ``with EndpointClient(url) as client: client.extract(text)``."""
+    """Blocking client. ``with EndpointClient(url) as client: client.extract(text)``.
+
+    ``grounding=True`` makes ``extract_many`` attach grounding warnings (``client.grounding``) to
+    each result; for one text, call ``check_grounding(text, client.extract(text))``."""
 
     def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
@@ -381,7 +396,7 @@ class EndpointClient(_BaseClient):
 
         def one(index: int) -> ExtractionResult:
             try:
-                return ExtractionResult(index, value=self.extract(items[index]))
+                return self._checked(index, items[index], self.extract(items[index]))
             except EndpointError as exc:
                 return ExtractionResult(index, error=exc)
 
@@ -479,7 +494,7 @@ class AsyncEndpointClient(_BaseClient):
         async def one(index: int) -> ExtractionResult:
             async with gate:
                 try:
-                    return ExtractionResult(index, value=await self.extract(items[index]))
+                    return self._checked(index, items[index], await self.extract(items[index]))
                 except EndpointError as exc:
                     return ExtractionResult(index, error=exc)
 

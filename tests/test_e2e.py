@@ -16,11 +16,23 @@ pytestmark = pytest.mark.e2e
 TEXT = "Progression-Free Survival (PFS) assessed by RECIST v1.1 using CT scan at 24 weeks"
 
 
-def test_client_extract_returns_validated_extraction(server) -> None:
+def test_client_extract_returns_validated_extraction(server, demo: DemoPaths) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.base)
+    card_prompt = tokenizer.apply_chat_template(
+        build_messages(TEXT), tokenize=True, add_generation_prompt=True
+    )
+    sdk = OpenAI(base_url=server.base_url, api_key="unused")
+    direct = sdk.chat.completions.create(
+        model="endpoint-extractor", messages=build_messages(TEXT), max_tokens=512
+    )
     with EndpointClient(server.base_url) as client:
         result = client.extract(TEXT)
         assert isinstance(result, EndpointExtraction) and result.endpoints
-        assert client.usage.requests == 1 and client.usage.completion_tokens > 0
+        # The server saw exactly the model card's prompt, and greedy decoding gave the same answer.
+        assert client.usage.requests == 1 and client.usage.prompt_tokens == len(card_prompt["input_ids"])
+        assert result == EndpointExtraction.model_validate_json(direct.choices[0].message.content or "")
         with pytest.raises(InvalidInputError):
             client.extract("   ")
 
