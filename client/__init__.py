@@ -8,6 +8,7 @@ with EndpointClient("http://127.0.0.1:8000/v1") as c:
 from client._client import AsyncEndpointClient, EndpointClient, ExtractionResult, Usage
 from client._exceptions import (
     AuthenticationError,
+    BatchError,
     EndpointError,
     InvalidInputError,
     InvalidOutputError,
@@ -22,6 +23,7 @@ from client.prompt import SYSTEM_PROMPT, USER_TEMPLATE, build_messages
 __all__ = [
     "AsyncEndpointClient",
     "AuthenticationError",
+    "BatchError",
     "Endpoint",
     "EndpointClient",
     "EndpointError",

@@ -1,37 +1,144 @@
-"""python -m client extract "TEXT" [--base-url URL] [--api-key KEY] [--model NAME]"""
+"""python -m client extract "TEXT" | python -m client batch INPUT OUTPUT [--concurrency N] ...
+
+Exit status: 0 done; 1 an extraction failed (extract) or OUTPUT holds failed records (batch);
+2 a bad argument or file; 130 (Ctrl-C) or 143 (SIGTERM) interrupted: a later run goes on from there.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
+from pathlib import Path
 
-from client._client import EndpointClient
-from client._constants import DEFAULT_MODEL
-from client._exceptions import EndpointError
+from client._client import AsyncEndpointClient, EndpointClient
+from client._constants import DEFAULT_CONCURRENCY, DEFAULT_MODEL
+from client._exceptions import BatchError, EndpointError
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command; after it, SUPPRESS keeps a value given before it.
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--base-url", default=default(None), help="server URL (default: ENDPOINT_BASE_URL or local)"
+    )
+    parser.add_argument("--api-key", default=default(None), help="bearer token (default: ENDPOINT_API_KEY)")
+    parser.add_argument("--model", default=default(DEFAULT_MODEL), help="served model name")
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Endpoint extractor client")
-    parser.add_argument("--base-url", default=None, help="server URL (default: ENDPOINT_BASE_URL or local)")
-    parser.add_argument("--api-key", default=None, help="bearer token (default: ENDPOINT_API_KEY)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    _common(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
     extract = commands.add_parser("extract", help="extract the endpoints of one text, print JSON")
     extract.add_argument("text", help="endpoint text ('-' reads standard input)")
+    _common(extract, top=False)
+
+    batch = commands.add_parser(
+        "batch",
+        help="extract every record of a JSONL, CSV or OpenAI Batch file; resumable",
+        description="Extract every record of INPUT into OUTPUT (JSONL), exactly once per id. "
+        "Run it again to go on after a crash or Ctrl-C; --retry-failed reruns the failures.",
+    )
+    batch.add_argument(
+        "input", type=Path, help="JSONL, CSV, or OpenAI Batch JSONL (custom_id/method/url/body)"
+    )
+    batch.add_argument("output", type=Path, help="JSONL results; appended to, never truncated")
+    batch.add_argument(
+        "--concurrency", type=_positive, default=DEFAULT_CONCURRENCY, help="requests in flight"
+    )
+    batch.add_argument(
+        "--format",
+        choices=("auto", "jsonl", "csv", "openai"),
+        default="auto",
+        help="INPUT format (auto: .csv by name, OpenAI Batch by its custom_id/body keys, else JSONL)",
+    )
+    batch.add_argument("--id-field", default=None, help="id field or column (default: id)")
+    batch.add_argument("--text-field", default=None, help="text field or column (default: text)")
+    batch.add_argument("--retry-failed", action="store_true", help="rerun the records OUTPUT holds as failed")
+    batch.add_argument(
+        "--limit", type=_positive, default=None, help="stop after this many records (a later run goes on)"
+    )
+    batch.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on standard error (default: when it is a terminal)",
+    )
+    _common(batch, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "batch":
+        return _batch(args)
     try:
         with EndpointClient(args.base_url, api_key=args.api_key, model=args.model) as client:
-            if args.command == "extract":
-                text = sys.stdin.read() if args.text == "-" else args.text
-                print(client.extract(text).model_dump_json(indent=2))
+            text = sys.stdin.read() if args.text == "-" else args.text
+            print(client.extract(text).model_dump_json(indent=2))
     except EndpointError as exc:
         print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from client.batch import BatchConfig, BatchJob
+
+    job = BatchJob(
+        BatchConfig(
+            input=args.input,
+            output=args.output,
+            format=args.format,
+            id_field=args.id_field or "id",
+            text_field=args.text_field or "text",
+            concurrency=args.concurrency,
+            retry_failed=args.retry_failed,
+            limit=args.limit,
+            progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        )
+    )
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        async with AsyncEndpointClient(
+            args.base_url, api_key=args.api_key, model=args.model, max_connections=args.concurrency
+        ) as client:
+            await job.run(client)
+
+    try:
+        asyncio.run(run())
+    except BatchError as exc:
+        print(f"client: error: {exc}", file=sys.stderr)
+        return 2
+    except EndpointError as exc:
+        print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"client: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        job.summary.interrupted = True
+        print(job.summary.describe(), file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
+    print(job.summary.describe(), file=sys.stderr)
+    return 1 if job.summary.output_failed else 0
 
 
 if __name__ == "__main__":

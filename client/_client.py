@@ -7,9 +7,10 @@ Built on the OpenAI SDK with its own retries turned off: this module is the only
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -53,7 +54,12 @@ from client.models import EndpointExtraction
 from client.prompt import build_messages
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Requests go through the SDK's post(): its typed create() walks every parameter against its
+# TypedDicts on each call (about 1 ms for this body, the JSON schema included), and the body here
+# is built by this module. Transport, auth, error types and response parsing are still the SDK's.
+_CHAT_PATH = "/chat/completions"
 _Self = TypeVar("_Self", bound="_BaseClient")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -94,8 +100,20 @@ class _Options:
     max_retries: int
     max_tokens: int
     max_connections: int
+    transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     grounding: bool = False
+
+
+@functools.cache
+def _constant_body() -> dict[str, Any]:
+    """The part of every extraction request that never changes, built once (generating the schema
+    costs ~1 ms). Shared by all requests: never mutate it."""
+    schema = {"name": "EndpointExtraction", "schema": EndpointExtraction.model_json_schema(), "strict": True}
+    return {
+        "response_format": {"type": "json_schema", "json_schema": schema},
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
 
 
 def _check_text(text: object) -> str:
@@ -147,6 +165,14 @@ def _server_message(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
+def _response_body(exc: openai.APIStatusError) -> Any:
+    """The error body as the server sent it (the SDK's ``exc.body`` drops its "error" wrapper)."""
+    try:
+        return exc.response.json()
+    except ValueError:
+        return exc.response.text or None
+
+
 def _translate(exc: BaseException, attempts: int) -> EndpointError:
     if isinstance(exc, openai.APIStatusError):
         message = _server_message(exc)
@@ -157,7 +183,7 @@ def _translate(exc: BaseException, attempts: int) -> EndpointError:
                 status_code=exc.status_code,
             )
         cls = AuthenticationError if exc.status_code == 401 else RequestRejectedError
-        return cls(message, status_code=exc.status_code, body=exc.body)
+        return cls(message, status_code=exc.status_code, body=_response_body(exc))
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
         return ServerUnavailableError(
@@ -180,6 +206,7 @@ class _BaseClient:
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         max_connections: int = 64,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         grounding: bool = False,
     ) -> None:
         if max_retries < 0:
@@ -194,6 +221,7 @@ class _BaseClient:
             max_retries=max_retries,
             max_tokens=max_tokens,
             max_connections=max_connections,
+            transport=transport,
             grounding=grounding,
         )
         self.usage = Usage()
@@ -224,6 +252,7 @@ class _BaseClient:
             max_retries=o.max_retries if max_retries is None else max_retries,
             max_tokens=o.max_tokens if max_tokens is None else max_tokens,
             max_connections=o.max_connections,
+            transport=o.transport,
             grounding=o.grounding,
         )
 
@@ -232,28 +261,30 @@ class _BaseClient:
         return ExtractionResult(index, value=value, warnings=warnings)
 
     def _request(self, text: str, max_tokens: int) -> dict[str, Any]:
+        """The JSON body of one extraction request."""
         return {
             "model": self._options.model,
             "messages": build_messages(text),
             "temperature": 0.0,
             "max_tokens": max_tokens,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": "EndpointExtraction",
-                    "schema": EndpointExtraction.model_json_schema(),
-                    "strict": True,
-                },
-            },
-            "extra_body": {"chat_template_kwargs": {"enable_thinking": False}},
+            **_constant_body(),
         }
 
     def _record(self, completion: ChatCompletion) -> None:
+        usage = completion.usage
+        self._add_usage(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+
+    def _add_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         with self._usage_lock:
             self.usage.requests += 1
-            if completion.usage is not None:
-                self.usage.prompt_tokens += completion.usage.prompt_tokens
-                self.usage.completion_tokens += completion.usage.completion_tokens
+            self.usage.prompt_tokens += prompt_tokens
+            self.usage.completion_tokens += completion_tokens
+
+    def _record_raw(self, body: object) -> None:
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            usage = {}
+        self._add_usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
     def _retry_kwargs(self) -> dict[str, Any]:
         return {
@@ -302,39 +333,60 @@ class EndpointClient(_BaseClient):
     def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         o = self._options
+        if o.transport is not None and not isinstance(o.transport, httpx.BaseTransport):
+            raise TypeError("EndpointClient needs a sync httpx transport")
         self._http = httpx.Client(
+            transport=o.transport,
             timeout=o.timeout,
             limits=httpx.Limits(
                 max_connections=o.max_connections, max_keepalive_connections=o.max_connections
             ),
         )
+        # The SDK is typed against its httpx2 fork but takes httpx clients and timeouts as they are.
         self._openai = openai.OpenAI(
-            base_url=o.base_url, api_key=o.api_key, timeout=o.timeout, max_retries=0, http_client=self._http
+            base_url=o.base_url,
+            api_key=o.api_key,
+            timeout=o.timeout,  # type: ignore[arg-type]
+            max_retries=0,
+            http_client=self._http,  # type: ignore[arg-type]
         )
 
-    def _create(self, text: str, max_tokens: int) -> ChatCompletion:
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` under the one retry layer; failures come out as EndpointError."""
         attempts = 0
         try:
             for attempt in Retrying(**self._retry_kwargs()):
                 with attempt:
                     attempts += 1
-                    completion = self._openai.chat.completions.create(**self._request(text, max_tokens))
+                    result = fn()
         except RetryError as exc:
             raise _translate(exc.last_attempt.exception() or exc, attempts) from None
         except openai.OpenAIError as exc:
             raise _translate(exc, attempts) from None
+        return result
+
+    def _create(self, text: str, max_tokens: int) -> ChatCompletion:
+        request = self._request(text, max_tokens)
+        completion = self._call(lambda: self._openai.post(_CHAT_PATH, body=request, cast_to=ChatCompletion))
         self._record(completion)
         return completion
+
+    def served_models(self) -> list[str]:
+        """The model names the server serves (``GET /models``)."""
+        page = self._call(lambda: self._openai.models.list())
+        return [model.id for model in page.data]
 
     def extract(self, text: str) -> EndpointExtraction:
         """Extract the endpoints of one text. Raises an EndpointError subclass on failure."""
         text = _check_text(text)
         budgets = self._budgets()
+        raw = ""
         for max_tokens in budgets:
             parsed = self._parse(self._create(text, max_tokens))
             if isinstance(parsed, EndpointExtraction):
                 return parsed
-        raise self._truncated(parsed, budgets[-1])
+            raw = parsed
+        raise self._truncated(raw, budgets[-1])
 
     def extract_many(self, texts: Iterable[str], *, concurrency: int = 8) -> list[ExtractionResult]:
         """Extract every text with up to ``concurrency`` requests in flight. Results come back in
@@ -367,38 +419,72 @@ class AsyncEndpointClient(_BaseClient):
     def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         o = self._options
+        if o.transport is not None and not isinstance(o.transport, httpx.AsyncBaseTransport):
+            raise TypeError("AsyncEndpointClient needs an async httpx transport")
         self._http = httpx.AsyncClient(
+            transport=o.transport,
             timeout=o.timeout,
             limits=httpx.Limits(
                 max_connections=o.max_connections, max_keepalive_connections=o.max_connections
             ),
         )
         self._openai = openai.AsyncOpenAI(
-            base_url=o.base_url, api_key=o.api_key, timeout=o.timeout, max_retries=0, http_client=self._http
+            base_url=o.base_url,
+            api_key=o.api_key,
+            timeout=o.timeout,  # type: ignore[arg-type]
+            max_retries=0,
+            http_client=self._http,  # type: ignore[arg-type]
         )
 
-    async def _create(self, text: str, max_tokens: int) -> ChatCompletion:
+    async def _call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """``await fn()`` under the one retry layer; failures come out as EndpointError."""
         attempts = 0
         try:
             async for attempt in AsyncRetrying(**self._retry_kwargs()):
                 with attempt:
                     attempts += 1
-                    completion = await self._openai.chat.completions.create(**self._request(text, max_tokens))
+                    result = await fn()
         except RetryError as exc:
             raise _translate(exc.last_attempt.exception() or exc, attempts) from None
         except openai.OpenAIError as exc:
             raise _translate(exc, attempts) from None
+        return result
+
+    async def _create(self, text: str, max_tokens: int) -> ChatCompletion:
+        request = self._request(text, max_tokens)
+        completion = await self._call(
+            lambda: self._openai.post(_CHAT_PATH, body=request, cast_to=ChatCompletion)
+        )
         self._record(completion)
         return completion
+
+    async def served_models(self) -> list[str]:
+        page = await self._call(lambda: self._openai.models.list())
+        return [model.id for model in page.data]
+
+    async def _post_chat(self, body: dict[str, Any]) -> tuple[httpx.Response, Any]:
+        """POST a chat completion body exactly as given (the OpenAI Batch API pass-through), under
+        the same retry layer; returns the HTTP response and its JSON body."""
+        response = await self._call(lambda: self._openai.post(_CHAT_PATH, body=body, cast_to=httpx.Response))
+        try:
+            payload = response.json()
+        except ValueError:
+            raise InvalidOutputError(
+                "server answered with a body that is not JSON", raw=response.text
+            ) from None
+        self._record_raw(payload)
+        return response, payload
 
     async def extract(self, text: str) -> EndpointExtraction:
         text = _check_text(text)
         budgets = self._budgets()
+        raw = ""
         for max_tokens in budgets:
             parsed = self._parse(await self._create(text, max_tokens))
             if isinstance(parsed, EndpointExtraction):
                 return parsed
-        raise self._truncated(parsed, budgets[-1])
+            raw = parsed
+        raise self._truncated(raw, budgets[-1])
 
     async def extract_many(self, texts: Iterable[str], *, concurrency: int = 8) -> list[ExtractionResult]:
         items = list(texts)

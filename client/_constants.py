@@ -15,3 +15,10 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=120.0)
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 20.0
 API_KEY_ENV = "ENDPOINT_API_KEY"
+
+# Bulk jobs (client/batch.py).
+# A longer input line is failed without being read into memory (the server caps bodies at 1 MB).
+BATCH_MAX_LINE_BYTES = 1_000_000
+# The output is flushed after every line and fsynced at least this often (seconds) and at the end.
+BATCH_FSYNC_INTERVAL = 1.0
+BATCH_MAX_CONCURRENCY = 1024

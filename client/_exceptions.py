@@ -52,3 +52,8 @@ class InvalidOutputError(EndpointError):
     def __init__(self, message: str, *, raw: str) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class BatchError(EndpointError):
+    """A bulk job cannot start or go on: a bad INPUT or OUTPUT file, or a bad argument. The message
+    is one line that names the file and says what to do."""
