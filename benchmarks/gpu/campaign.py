@@ -12,6 +12,7 @@ PLAN.json is a list of steps, run in order:
      "vllm_args": ["--load-format", "dummy"], "ready_timeout": 400,
      "benches": [{"name": "steered", "args": ["--steer", "spaced"], "pyspy": {"at": "guided c=64"}}]}
 
+The plans behind BENCHMARKS.md are in ``benchmarks/results/2026-11-25-h100/plan_*.json``.
 A step is skipped when the time left is below its ``min_s``; each subprocess is killed at the
 deadline. With ``--tar`` the work directory is archived after every step, so a run cut short still
 returns what it measured.
