@@ -439,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.plot:
             print("throughput: error: --replot needs --plot", file=sys.stderr)
             return 2
-        plot(json.loads(args.replot.read_text()), args.plot)
+        try:
+            results = json.loads(args.replot.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"throughput: error: cannot read {args.replot}: {exc}", file=sys.stderr)
+            return 1
+        plot(results, args.plot)
         return 0
     try:
         results = asyncio.run(sweep(args))
