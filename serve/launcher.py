@@ -24,6 +24,7 @@ from serve.supervisor import probe
 # whose metadata is not named "vllm".
 _SERVER_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+JSON_LOGGING_CONFIG = Path(__file__).with_name("logging_json.json")
 # Seconds a stopping server may take beyond --shutdown-timeout (engine teardown) before it is killed.
 STOP_GRACE_S = 30
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -115,8 +116,6 @@ def vllm_argv(settings: ServeSettings, model: str, passthrough: list[str]) -> li
         "--enable-request-id-headers",
         "--shutdown-timeout", str(settings.shutdown_timeout),
     ]  # fmt: skip
-    if settings.log_format == "json":
-        argv += ["--logging-config.formatter", "json"]
     if settings.demo and not _given("--dtype", passthrough):
         # vLLM's "auto" turns an fp32 checkpoint into bf16; the demo is merged in fp32 on purpose.
         argv += ["--dtype", "float32" if on_cpu() else "bfloat16"]
@@ -132,6 +131,10 @@ def server_env(settings: ServeSettings) -> dict[str, str]:
         ENDPOINT_MAX_BODY_BYTES=str(settings.max_body_bytes),
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]),
     )
+    if settings.log_format == "json":
+        # vLLM reads this dictConfig in every process and hands it to uvicorn as well, in every
+        # release the gpu extra allows (--logging-config.formatter exists from 0.3x on only).
+        env["VLLM_LOGGING_CONFIG_PATH"] = str(JSON_LOGGING_CONFIG)
     if settings.api_key is not None:
         # Through the environment, not argv, so the key never shows in `ps`.
         env["VLLM_API_KEY"] = settings.api_key.get_secret_value()

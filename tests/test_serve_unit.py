@@ -3,12 +3,15 @@ policy's routes, and the start-up root-cause summary."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from client import endpoint_json_schema
-from serve.launcher import settings_argv, vllm_argv
+from serve.launcher import server_env, settings_argv, vllm_argv
 from serve.middleware import Policy, PolicyError, schema_response_format
 from serve.settings import ServeSettings, parse_settings
 from serve.supervisor import root_cause
@@ -76,7 +79,24 @@ def test_vllm_accepts_our_argv_and_configures_what_we_mean(tmp_path: Path) -> No
     assert engine.override_generation_config == {"temperature": 0.0, "max_new_tokens": 300}
     assert args.default_chat_template_kwargs == {"enable_thinking": False}
     assert args.middleware == ["serve.middleware.SchemaPolicyMiddleware"]
-    assert args.enable_request_id_headers and args.logging_config.formatter == "json"
+    assert args.enable_request_id_headers
+
+
+def test_json_log_config_writes_one_json_object_per_record(tmp_path: Path) -> None:
+    env = server_env(ServeSettings(model=str(tmp_path), log_format="json"))
+    program = (
+        "import json, logging.config, os\n"
+        "logging.config.dictConfig(json.load(open(os.environ['VLLM_LOGGING_CONFIG_PATH'])))\n"
+        "logging.getLogger('vllm.endpoint_extractor.access').info('hello', extra={'request_id': 'r1'})\n"
+        "logging.getLogger('uvicorn.access').info('GET /health')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["name"], r["message"]) for r in records] == [
+        ("vllm.endpoint_extractor.access", "hello"),
+        ("uvicorn.access", "GET /health"),
+    ]
+    assert records[0]["request_id"] == "r1" and records[0]["levelname"] == "INFO"
 
 
 def test_force_constrains_every_model_name_and_refuses_tools() -> None:
