@@ -7,7 +7,7 @@ import argparse
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, get_args, get_origin
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,7 +47,8 @@ class ServeSettings(BaseSettings):
     schema_policy: SchemaPolicy = Field(
         "default",
         description="default: add the endpoint schema to chat requests that bring none; "
-        "force: also refuse requests that bring another format; off: plain vLLM",
+        "force: endpoint JSON on every request, other formats refused, other generation routes "
+        "closed; off: plain vLLM (the limits and the key still apply)",
     )
     max_model_len: int = Field(
         2048, ge=256, description="context length: the prompt (~100 tokens) plus the longest output"
@@ -63,7 +64,10 @@ class ServeSettings(BaseSettings):
         "whitespace runaway)",
     )
     cpu_kvcache_gib: int = Field(
-        1, ge=1, description="KV cache size on CPU, in whole GiB (VLLM_CPU_KVCACHE_SPACE, if that is unset)"
+        1,
+        ge=1,
+        description="KV cache size on CPU, in whole GiB: sets VLLM_CPU_KVCACHE_SPACE (a value already "
+        "in the environment wins unless this flag is given)",
     )
     shutdown_timeout: int = Field(30, ge=0, description="seconds SIGTERM waits for in-flight requests")
     startup_timeout: int = Field(
@@ -104,8 +108,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other start-up error; --help shows the usage.
+        raise SystemExit(f"serve: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m serve",
         description="Serve the clinical-trial endpoint extractor with vLLM. Arguments not listed "
         "here are passed to vLLM unchanged.",
@@ -117,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=field.description)
         else:
-            parser.add_argument(flag, default=None, metavar=name.upper(), help=field.description)
+            # Choices shown, not enforced here: the settings model checks them with a one-line error.
+            choices = get_args(kind) if get_origin(kind) is Literal else ()
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+            parser.add_argument(flag, default=None, metavar=metavar, help=field.description)
     return parser
 
 

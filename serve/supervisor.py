@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import json
 import re
 import signal
 import subprocess
@@ -38,13 +39,15 @@ _PR_SET_PDEATHSIG = 1
 def root_cause(lines: Iterable[str]) -> str:
     """The first exception raised in a log (vLLM re-raises a worker's error two or three times,
     wrapped; the first is the cause), with the detail lines pydantic puts under it."""
-    cleaned = [_LOG_PREFIX.sub("", line.rstrip()) for line in lines]
+    cleaned = [_LOG_PREFIX.sub("", text.rstrip()) for line in lines for text in _unpack(line)]
     start = next((i for i, line in enumerate(cleaned) if line.startswith("Traceback")), 0)
     for i in range(start, len(cleaned)):
         if _EXCEPTION.match(cleaned[i]):
             parts = [_QUALIFIER.sub("", cleaned[i])]
-            for detail in cleaned[i + 1 : i + 5]:
-                if not detail.strip() or detail.startswith(("Traceback", "  File", "For further")):
+            # pydantic says which field and why on the lines under "N validation error(s) for X".
+            details = cleaned[i + 1 : i + 5] if "validation error" in cleaned[i] else []
+            for detail in details:
+                if not detail.strip() or detail.startswith(("Traceback", "  File")):
                     break
                 if "https://errors.pydantic.dev" in detail or _EXCEPTION.match(detail):
                     break
@@ -52,6 +55,18 @@ def root_cause(lines: Iterable[str]) -> str:
             return _shorten(" ".join(parts))
     last = next((line for line in reversed(cleaned) if line.strip()), "no output")
     return _shorten(last.strip())
+
+
+def _unpack(line: str) -> list[str]:
+    """A JSON log record (--log-format json) as the lines it stands for: message, then traceback."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return [line]
+        if isinstance(record, dict):
+            return [str(record.get("message", "")), *str(record.get("exc_info") or "").splitlines()]
+    return [line]
 
 
 def _shorten(text: str) -> str:
@@ -124,10 +139,14 @@ class Supervisor:
         if timed_out:
             _say(f"error: vLLM was not ready after {self.startup_timeout:g}s; stopped it (--startup-timeout)")
             return 1
-        if code != 0 and self._stop_deadline is None:
-            when = "" if ready else " during start-up"
-            _say(f"error: vLLM exited with code {code}{when}: {root_cause(self.tail)}")
-        return code if code >= 0 else 128 - code
+        status = 128 - code if code < 0 else code  # a shell's status for "killed by a signal"
+        if self._stop_deadline is not None:  # stopped by a signal: vLLM's own verdict stands
+            return status
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        # Unasked, a server never stops. vLLM exits 0 when its engine dies, which a process
+        # manager must not mistake for a clean stop.
+        _say(f"error: vLLM {how} {'unexpectedly' if ready else 'during start-up'}: {root_cause(self.tail)}")
+        return status or 1
 
     def _watch(self, process: subprocess.Popen[bytes]) -> tuple[bool, bool]:
         """Wait for the child to exit, announcing readiness; (ready, startup timed out)."""
@@ -140,6 +159,7 @@ class Supervisor:
             elif not ready and self._stop_deadline is None:
                 if probe(self.health_url) == 200:
                     ready = True
+                    self.tail.clear()  # a later failure's cause is in what comes after
                     _say(f"ready: {self.base_url}")
                 elif now > ready_deadline:
                     timed_out = True

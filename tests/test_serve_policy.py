@@ -11,12 +11,14 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from openai import OpenAI
 
 from client import EndpointExtraction, build_messages
 from serve.launcher import ServerProcess
 from serve.settings import ServeSettings
+from serve.supervisor import probe
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -211,3 +213,27 @@ def test_json_logs_carry_the_request_id(forced: ServerProcess) -> None:
     assert any(r["name"].startswith("vllm.") and r["levelname"] == "INFO" for r in records)
     access = [r for r in records if r.get("request_id") == "json-log-1"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["schema_policy"] == "forced"
+
+
+def test_engine_death_turns_health_red_and_ends_in_a_failure(forced: ServerProcess) -> None:
+    """Last here: it ends the module's server. vLLM itself exits 0 when its engine dies."""
+    assert forced.process is not None
+    engines = [
+        p for p in psutil.Process(forced.process.pid).children(recursive=True) if "EngineCore" in p.name()
+    ]
+    assert len(engines) == 1
+    engines[0].kill()
+    statuses = []
+    deadline = time.monotonic() + 60
+    while forced.process.poll() is None and time.monotonic() < deadline:
+        statuses.append(probe(forced.root_url + "/health"))
+        time.sleep(0.2)
+    assert 503 in statuses and 200 not in statuses[statuses.index(503) :]
+    assert forced.process.wait(timeout=60) == 1
+    errors = [
+        line
+        for line in Path(forced.log_path or "").read_text().splitlines()
+        if line.startswith("serve: error:")
+    ]
+    assert len(errors) == 1 and errors[0].startswith("serve: error: vLLM exited with code 0 unexpectedly: ")
+    assert "EngineDeadError" in errors[0]

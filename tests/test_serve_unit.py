@@ -184,3 +184,14 @@ def test_root_cause_is_the_first_exception_with_its_detail() -> None:
     )
     assert root_cause(["starting", "Killed", ""]) == "Killed"
     assert len(root_cause(["ValueError: " + "x" * 1000])) == 400
+
+
+def test_root_cause_reads_json_log_records() -> None:
+    record = {
+        "levelname": "ERROR",
+        "message": "AsyncLLM output_handler failed.",
+        "exc_info": 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
+    }
+    lines = ['{"levelname": "INFO", "message": "ready"}', json.dumps(record), "warnings.warn('x')"]
+    assert root_cause(lines) == "EngineDeadError: EngineCore encountered an issue."
