@@ -9,15 +9,20 @@ import tempfile
 from pathlib import Path
 
 from serve.launcher import (
-    VLLM_SERVER_MODULE,
+    STOP_GRACE_S,
     LaunchError,
     ServerProcess,
+    check_kv_cache_fits,
     check_port_free,
+    local_url,
+    on_cpu,
     prepare_model,
     server_env,
     vllm_argv,
+    vllm_server_argv,
 )
-from serve.settings import parse_settings
+from serve.settings import ServeSettings, parse_settings
+from serve.supervisor import Supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,21 +33,35 @@ def main(argv: list[str] | None = None) -> int:
             return _extract_once(settings, passthrough)
         check_port_free(settings.host, settings.port)
         model = prepare_model(settings)
+        env = server_env(settings)
+        if on_cpu():
+            check_kv_cache_fits(env)
     except LaunchError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    argv_vllm = [sys.executable, "-m", VLLM_SERVER_MODULE, *vllm_argv(settings, model, passthrough)]
-    # Replace this process with vLLM's server: signals (SIGTERM drains) and exit codes are its own.
-    os.execvpe(sys.executable, argv_vllm, server_env(settings))
-    return 0  # not reached
+    root = local_url(settings.host, settings.port)
+    env["ENDPOINT_DRAIN_FLAG"] = drain_flag = os.path.join(
+        tempfile.gettempdir(), f"endpoint-serve-{os.getpid()}.draining"
+    )
+    supervisor = Supervisor(
+        [*vllm_server_argv(), *vllm_argv(settings, model, passthrough)],
+        env,
+        health_url=root + "/health",
+        base_url=root + "/v1",
+        startup_timeout=settings.startup_timeout,
+        stop_timeout=settings.shutdown_timeout + STOP_GRACE_S,
+        drain_flag=Path(drain_flag),
+    )
+    return supervisor.run()
 
 
-def _extract_once(settings, passthrough: list[str]) -> int:  # type: ignore[no-untyped-def]
+def _extract_once(settings: ServeSettings, passthrough: list[str]) -> int:
     from client import EndpointClient, EndpointError
 
     log = Path(tempfile.gettempdir()) / f"endpoint-serve-{settings.port}.log"
     print(f"serve: starting vLLM (log: {log}) ...", file=sys.stderr, flush=True)
-    with ServerProcess(settings, passthrough, log_path=log) as server:
+    server_settings = settings.model_copy(update={"extract": None})
+    with ServerProcess(server_settings, passthrough, log_path=log) as server:
         api_key = settings.api_key.get_secret_value() if settings.api_key else None
         with EndpointClient(server.base_url, api_key=api_key, model=settings.served_model_name) as client:
             try:

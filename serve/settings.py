@@ -7,9 +7,9 @@ import argparse
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, get_args, get_origin
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SchemaPolicy = Literal["default", "force", "off"]
@@ -21,7 +21,7 @@ def _default_demo_dir() -> Path:
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ENDPOINT_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="ENDPOINT_", extra="forbid", populate_by_name=True)
 
     model: str | None = Field(None, description="merged checkpoint to serve: local directory or hub id")
     demo: bool = Field(
@@ -35,14 +35,20 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=1, le=65535, description="port to bind")
     served_model_name: str = Field("endpoint-extractor", description="model name clients ask for")
-    api_key: SecretStr | None = Field(None, description="require this bearer token (or ENDPOINT_API_KEY)")
+    api_key: SecretStr | None = Field(
+        None,
+        # vLLM's own variable counts too, so a key vLLM would enforce is never unknown here.
+        validation_alias=AliasChoices("ENDPOINT_API_KEY", "VLLM_API_KEY"),
+        description="require this bearer token on /v1 routes (or ENDPOINT_API_KEY / VLLM_API_KEY)",
+    )
     allow_unauthenticated: bool = Field(
         False, description="allow binding a non-loopback address without --api-key"
     )
     schema_policy: SchemaPolicy = Field(
         "default",
         description="default: add the endpoint schema to chat requests that bring none; "
-        "force: also refuse requests that bring another format; off: plain vLLM",
+        "force: endpoint JSON on every request, other formats refused, other generation routes "
+        "closed; off: plain vLLM (the limits and the key still apply)",
     )
     max_model_len: int = Field(
         2048, ge=256, description="context length: the prompt (~100 tokens) plus the longest output"
@@ -57,10 +63,19 @@ class ServeSettings(BaseSettings):
         description="let guided JSON contain free whitespace (off: compact JSON, fewer tokens, no "
         "whitespace runaway)",
     )
-    cpu_kvcache_gib: float = Field(
-        1.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)"
+    cpu_kvcache_gib: int = Field(
+        1,
+        ge=1,
+        description="KV cache size on CPU, in whole GiB: sets VLLM_CPU_KVCACHE_SPACE (a value already "
+        "in the environment wins unless this flag is given)",
     )
     shutdown_timeout: int = Field(30, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    startup_timeout: int = Field(
+        900, ge=1, description="seconds the model may take to load before start-up counts as failed"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="vLLM's and uvicorn's log lines as text or as one JSON object per line"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -93,11 +108,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other start-up error; --help shows the usage.
+        raise SystemExit(f"serve: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m serve",
         description="Serve the clinical-trial endpoint extractor with vLLM. Arguments not listed "
         "here are passed to vLLM unchanged.",
+        allow_abbrev=False,  # a vLLM flag must never be taken for a prefix of one of ours
     )
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -105,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=field.description)
         else:
-            parser.add_argument(flag, default=None, metavar=name.upper(), help=field.description)
+            # Choices shown, not enforced here: the settings model checks them with a one-line error.
+            choices = get_args(kind) if get_origin(kind) is Literal else ()
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+            parser.add_argument(flag, default=None, metavar=metavar, help=field.description)
     return parser
 
 
@@ -118,5 +143,7 @@ def parse_settings(argv: list[str]) -> tuple[ServeSettings, list[str]]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        if where in ServeSettings.model_fields:
+            where = "--" + where.replace("_", "-")
         message = first["msg"].removeprefix("Value error, ")
         raise SystemExit(f"serve: error: {where + ': ' if where else ''}{message}") from None

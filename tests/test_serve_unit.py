@@ -1,0 +1,197 @@
+"""serve/ without a running server: settings, vLLM's argv as vLLM itself parses it, the schema
+policy's routes, and the start-up root-cause summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import endpoint_json_schema
+from serve.launcher import server_env, settings_argv, vllm_argv
+from serve.middleware import Policy, PolicyError, schema_response_format
+from serve.settings import ServeSettings, parse_settings
+from serve.supervisor import root_cause
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("variable", ["ENDPOINT_API_KEY", "VLLM_API_KEY"])
+def test_api_key_from_the_environment_is_masked(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv(variable, "s3cret")
+    settings, _ = parse_settings(["--demo", "--host", "0.0.0.0"])
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
+    assert settings.masked()["api_key"] == "***" and "s3cret" not in str(settings.masked())
+
+
+def test_beyond_loopback_needs_a_key_or_an_explicit_opt_out() -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--demo", "--host", "0.0.0.0"])
+    assert str(exc.value).startswith("serve: error: refusing to bind 0.0.0.0")
+    settings, _ = parse_settings(["--demo", "--host", "0.0.0.0", "--allow-unauthenticated"])
+    assert settings.allow_unauthenticated
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert parse_settings(["--demo", "--host", host])[0].host == host
+
+
+def test_unknown_arguments_pass_through_and_are_never_abbreviations_of_ours() -> None:
+    settings, passthrough = parse_settings(["--demo", "--max-num-seqs", "8", "--port", "9000", "--max", "1"])
+    assert settings.port == 9000 and passthrough == ["--max-num-seqs", "8", "--max", "1"]
+
+
+def test_bad_values_name_the_flag() -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--demo", "--cpu-kvcache-gib", "0"])
+    assert str(exc.value).startswith("serve: error: --cpu-kvcache-gib: ")
+
+
+def test_settings_argv_recreates_the_settings_without_the_key(tmp_path: Path) -> None:
+    settings = ServeSettings(
+        demo=True, demo_dir=tmp_path, port=1234, schema_policy="force", api_key="k", log_format="json"
+    )
+    argv = settings_argv(settings)
+    assert "k" not in argv
+    again, passthrough = parse_settings(argv)
+    assert passthrough == [] and again.model_dump(exclude={"api_key"}) == settings.model_dump(
+        exclude={"api_key"}
+    )
+
+
+def test_vllm_accepts_our_argv_and_configures_what_we_mean(tmp_path: Path) -> None:
+    """Parsed by vLLM's own argument parser, so a renamed or reshaped vLLM flag fails here."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    settings = ServeSettings(model=str(tmp_path), max_tokens_cap=300, shutdown_timeout=7, log_format="json")
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        vllm_argv(settings, str(tmp_path), ["--max-num-seqs", "8"])
+    )
+    engine = AsyncEngineArgs.from_cli_args(args)
+    assert engine.enable_prefix_caching and engine.shutdown_timeout == 7 and engine.max_num_seqs == 8
+    assert engine.served_model_name == ["endpoint-extractor"] and engine.max_model_len == 2048
+    assert engine.structured_outputs_config.backend == "xgrammar"
+    assert engine.structured_outputs_config.disable_any_whitespace
+    assert engine.override_generation_config == {"temperature": 0.0, "max_new_tokens": 300}
+    assert args.default_chat_template_kwargs == {"enable_thinking": False}
+    assert args.middleware == ["serve.middleware.SchemaPolicyMiddleware"]
+    assert args.enable_request_id_headers
+
+
+def test_json_log_config_writes_one_json_object_per_record(tmp_path: Path) -> None:
+    env = server_env(ServeSettings(model=str(tmp_path), log_format="json"))
+    program = (
+        "import json, logging.config, os\n"
+        "logging.config.dictConfig(json.load(open(os.environ['VLLM_LOGGING_CONFIG_PATH'])))\n"
+        "logging.getLogger('vllm.endpoint_extractor.access').info('hello', extra={'request_id': 'r1'})\n"
+        "logging.getLogger('uvicorn.access').info('GET /health')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["name"], r["message"]) for r in records] == [
+        ("vllm.endpoint_extractor.access", "hello"),
+        ("uvicorn.access", "GET /health"),
+    ]
+    assert records[0]["request_id"] == "r1" and records[0]["levelname"] == "INFO"
+
+
+def test_force_constrains_every_model_name_and_refuses_tools() -> None:
+    out = Policy("force").apply(CHAT, {"model": "another", "messages": MESSAGES})
+    assert out["response_format"] == schema_response_format()
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with pytest.raises(PolicyError) as err:
+        Policy("force").apply(CHAT, {"messages": MESSAGES, "tools": tools})
+    assert err.value.status == 400 and err.value.param == "tools"
+
+
+def test_force_opens_only_constrained_and_non_generating_routes() -> None:
+    force, default = Policy("force"), Policy("default")
+    for path in ("/v1/responses", "/v1/messages", "/inference/v1/generate", "/v1/systemone", "/v1/x"):
+        assert not force.route_open(path) and default.route_open(path)
+    for path in (CHAT, "/v1/chat/completions/batch", "/v1/completions", "/invocations", "/tokenize"):
+        assert force.route_open(path)
+
+
+def test_batch_and_sagemaker_chat_get_the_chat_policy() -> None:
+    batch = Policy("default").apply("/v1/chat/completions/batch", {"messages": [MESSAGES, MESSAGES]})
+    assert batch["response_format"] == schema_response_format()
+    chat = Policy("default").apply("/invocations", {"messages": MESSAGES})
+    assert chat["response_format"] == schema_response_format()
+    completion = Policy("force").apply("/invocations", {"prompt": "x"})
+    assert completion["structured_outputs"] == {"json": endpoint_json_schema()}
+
+
+def test_token_cap_covers_every_spelling_and_every_route() -> None:
+    policy = Policy("off", max_tokens_cap=10)
+    for path, over, at_cap in (
+        ("/v1/responses", {"max_output_tokens": 11}, {"max_output_tokens": 10}),
+        (
+            "/inference/v1/generate",
+            {"sampling_params": {"max_tokens": 11}},
+            {"sampling_params": {"max_tokens": 10}},
+        ),
+        ("/v1/messages", {"max_tokens": 11}, {"max_tokens": 10}),
+    ):
+        with pytest.raises(PolicyError) as err:
+            policy.apply(path, over)
+        assert err.value.status == 400 and "cap of 10" in err.value.message
+        assert policy.apply(path, at_cap) == at_cap
+
+
+def test_decide_reports_what_it_did() -> None:
+    assert Policy("default").decide(CHAT, {"messages": MESSAGES})[1] == "injected"
+    own = {"messages": MESSAGES, "response_format": {"type": "json_object"}}
+    assert Policy("default").decide(CHAT, own)[1] == "kept"
+    assert Policy("force").decide(CHAT, {"messages": MESSAGES})[1] == "forced"
+    assert Policy("off").decide(CHAT, {"messages": MESSAGES})[1] == "none"
+
+
+# The shape of a real vLLM 0.32 start-up failure (VLLM_CPU_KVCACHE_SPACE=10000): the worker's error
+# comes first, then the engine core and the API server re-raise it wrapped.
+KV_FAILURE_LOG = """\
+(APIServer pid=10302) WARNING 11-25 08:57:04 [system_utils.py:255] Found ulimit of 20000 and failed to automatically increase with error current limit exceeds maximum limit. This can cause fd limit errors like `OSError: [Errno 24] Too many open files`.
+(Worker pid=10651) ERROR 11-25 08:59:04 [multiproc_executor.py:1063] Traceback (most recent call last):
+(Worker pid=10651) ERROR 11-25 08:59:04 [multiproc_executor.py:1063]   File "/vllm/v1/worker/cpu_worker.py", line 221, in determine_available_memory
+(Worker pid=10651) ERROR 11-25 08:59:04 [multiproc_executor.py:1063]     raise ValueError(
+(Worker pid=10651) ERROR 11-25 08:59:04 [multiproc_executor.py:1063] ValueError: Available memory on node 0 (6.49/10.09 GiB) on kv cache allocation is less than requested memory for kv (10000.0 GiB).
+(EngineCore pid=10552) ERROR 11-25 08:59:04 [core.py:1510] RuntimeError: Worker failed with error 'Available memory on node 0', please check the stack trace above for the root cause
+Traceback (most recent call last):
+  File "/vllm/v1/engine/utils.py", line 1431, in wait_for_engine_startup
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""
+
+PYDANTIC_FAILURE_LOG = """\
+Traceback (most recent call last):
+  File "/vllm/engine/arg_utils.py", line 2004, in create_engine_config
+pydantic_core._pydantic_core.ValidationError: 1 validation error for CacheConfig
+gpu_memory_utilization
+  Input should be less than or equal to 1 [type=less_than_equal, input_value=1.5, input_type=float]
+    For further information visit https://errors.pydantic.dev/2.14/v/less_than_equal
+"""
+
+
+def test_root_cause_is_the_first_exception_with_its_detail() -> None:
+    assert root_cause(KV_FAILURE_LOG.splitlines()).startswith(
+        "ValueError: Available memory on node 0 (6.49/10.09 GiB)"
+    )
+    assert root_cause(PYDANTIC_FAILURE_LOG.splitlines()) == (
+        "ValidationError: 1 validation error for CacheConfig gpu_memory_utilization Input should be "
+        "less than or equal to 1 [type=less_than_equal, input_value=1.5, input_type=float]"
+    )
+    assert root_cause(["starting", "Killed", ""]) == "Killed"
+    assert len(root_cause(["ValueError: " + "x" * 1000])) == 400
+
+
+def test_root_cause_reads_json_log_records() -> None:
+    record = {
+        "levelname": "ERROR",
+        "message": "AsyncLLM output_handler failed.",
+        "exc_info": 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
+    }
+    lines = ['{"levelname": "INFO", "message": "ready"}', json.dumps(record), "warnings.warn('x')"]
+    assert root_cause(lines) == "EngineDeadError: EngineCore encountered an issue."
