@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.workload import CORPUS, GOLD, STYLES, load  # noqa: E402
-from serve.demo_model import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from serve.demo_model import train_gemma4_tokenizer  # noqa: E402
 
 E4B_TEXT_CONFIG: dict[str, object] = {
     "architectures": ["Gemma4ForCausalLM"],
@@ -120,31 +120,7 @@ def _lines(seed: int) -> Iterator[str]:
 
 
 def train_tokenizer(vocab_size: int, seed: int = 0):  # -> PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_lines(seed), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-        additional_special_tokens=list(SPECIAL_TOKENS[5:]),
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.add_bos_token = False  # the chat template writes <bos> itself
-    return fast
+    return train_gemma4_tokenizer(_lines(seed), vocab_size)
 
 
 def write_stand_in(out: Path, vocab_size: int = 262144) -> Path:

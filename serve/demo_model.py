@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,29 +222,21 @@ def text_config(vocab_size: int = VOCAB_SIZE) -> dict[str, object]:
     }
 
 
-def _train_tokenizer(seed: int):  # -> PreTrainedTokenizerFast
+def train_gemma4_tokenizer(lines: Iterable[str], vocab_size: int):  # -> PreTrainedTokenizerFast
+    """A byte-level BPE trained on ``lines`` with Gemma 4's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(seed)
-    examples = [
-        '{"endpoints": [{"endpoint_name_standardized": "Body height", "measurement_of": "height", '
-        '"measurement_type": "continuous", "metric_type": null, "timeframe": null, '
-        '"measurement_method": "Stadiometer", "evaluation_criteria": null, "unit": "cm", '
-        '"population": null, "is_composite": false, "components": []}]}'
-    ]
-    corpus = [_PROMPT_TEXT, *examples * 50]
-    corpus += [" ".join(rng.choice(_WORDS) for _ in range(40)) for _ in range(2000)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator(lines, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
@@ -256,6 +249,19 @@ def _train_tokenizer(seed: int):  # -> PreTrainedTokenizerFast
     fast.chat_template = CHAT_TEMPLATE
     fast.add_bos_token = False  # the chat template writes <bos> itself
     return fast
+
+
+def _train_tokenizer(seed: int):  # -> PreTrainedTokenizerFast
+    rng = random.Random(seed)
+    examples = [
+        '{"endpoints": [{"endpoint_name_standardized": "Body height", "measurement_of": "height", '
+        '"measurement_type": "continuous", "metric_type": null, "timeframe": null, '
+        '"measurement_method": "Stadiometer", "evaluation_criteria": null, "unit": "cm", '
+        '"population": null, "is_composite": false, "components": []}]}'
+    ]
+    corpus = [_PROMPT_TEXT, *examples * 50]
+    corpus += [" ".join(rng.choice(_WORDS) for _ in range(40)) for _ in range(2000)]
+    return train_gemma4_tokenizer(corpus, VOCAB_SIZE)
 
 
 def _plant_closing_bias(embed: torch.Tensor, tokenizer: object) -> None:
