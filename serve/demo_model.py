@@ -42,6 +42,11 @@ SPECIAL_TOKENS = (
     "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
     "<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>",
 )  # fmt: skip
+# Gemma4Processor finds its media tokens by these tokenizer attributes.
+MEDIA_TOKENS = {
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+    "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+}  # fmt: skip
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -212,7 +217,7 @@ def text_config(vocab_size: int = VOCAB_SIZE) -> dict[str, object]:
         "hidden_size_per_layer_input": 16,
         "num_kv_shared_layers": 2,
         "sliding_window": 128,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 32768,
         "final_logit_softcapping": 30.0,
         "layer_types": ["sliding_attention", "full_attention"] * 2,
         "tie_word_embeddings": True,
@@ -245,6 +250,7 @@ def train_gemma4_tokenizer(lines: Iterable[str], vocab_size: int):  # -> PreTrai
         unk_token="<unk>",
         mask_token="<mask>",
         additional_special_tokens=list(SPECIAL_TOKENS[5:]),
+        extra_special_tokens=MEDIA_TOKENS,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.add_bos_token = False  # the chat template writes <bos> itself
@@ -312,8 +318,52 @@ def write_base(out: Path, seed: int = DEMO_SEED) -> Path:
     model.config.architectures = ["Gemma4ForConditionalGeneration"]
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_processor_config(out)
     GenerationConfig(bos_token_id=2, eos_token_id=[1, ids["<turn|>"]], pad_token_id=0).save_pretrained(out)
     return out
+
+
+# Fewest vision tokens Gemma 4 allows per image (70, 140, 280, 560 or 1120): keeps the tiny vision
+# tower's patch grid inside its position table and vLLM's multimodal profiling quick.
+DEMO_SOFT_TOKENS = 70
+
+
+def write_processor_config(out: Path) -> Path:
+    """Write ``processor_config.json``: the audio, image and video processor settings that vLLM
+    loads through transformers' Gemma4Processor to serve the full multimodal layout.
+
+    Written from the processors' own defaults rather than by ``Gemma4Processor.save_pretrained``:
+    its image and video processors import torchvision, which has no build beside torch+cpu.
+    """
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    image = json.loads(Gemma4ImageProcessorPil(max_soft_tokens=DEMO_SOFT_TOKENS).to_json_string())
+    image["image_processor_type"] = "Gemma4ImageProcessor"
+    video = {
+        key: image[key]
+        for key in ("do_convert_rgb", "do_resize", "resample", "do_rescale", "rescale_factor")
+        + ("image_mean", "image_std", "patch_size", "pooling_kernel_size")
+    }
+    video |= {
+        "video_processor_type": "Gemma4VideoProcessor",
+        "do_normalize": True,
+        "num_frames": 32,
+        "do_sample_frames": True,
+        "max_soft_tokens": DEMO_SOFT_TOKENS,
+    }
+    processor = {
+        "processor_class": "Gemma4Processor",
+        "image_seq_length": DEMO_SOFT_TOKENS,
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
+        "image_processor": image,
+        "video_processor": video,
+    }
+    path = out / "processor_config.json"
+    path.write_text(json.dumps(processor, indent=2) + "\n")
+    return path
 
 
 def _linear_shapes(base: Path) -> dict[str, tuple[int, int]]:

@@ -73,3 +73,27 @@ def test_tokenizer_has_gemma4_turns(demo: DemoPaths) -> None:
     )
     assert text == "<bos><|turn>system\nS<turn|>\n<|turn>user\nU<turn|>\n<|turn>model\n"
     assert len(tok.convert_tokens_to_ids(["<|turn>"])) == 1 and tok.convert_tokens_to_ids("<turn|>") > 3
+
+
+def test_full_layout_carries_what_gemma4_processor_loads(demo: DemoPaths) -> None:
+    """vLLM serves the multimodal layout through transformers' Gemma4Processor: its media tokens
+    come from the tokenizer, its audio/image/video settings from processor_config.json, and the
+    image grid must match the vision tower's."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    config = json.loads((demo.base / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(demo.base)
+    assert tokenizer.image_token_id == config["image_token_id"]
+    assert tokenizer.audio_token_id == config["audio_token_id"]
+    assert tokenizer.convert_tokens_to_ids(tokenizer.boi_token) == config["boi_token_id"]
+    assert AutoFeatureExtractor.from_pretrained(demo.base).sampling_rate == 16_000
+    image = Gemma4ImageProcessorPil.from_pretrained(demo.base)
+    vision = config["vision_config"]
+    assert (image.patch_size, image.pooling_kernel_size) == (
+        vision["patch_size"],
+        vision["pooling_kernel_size"],
+    )
+    processor = json.loads((demo.base / "processor_config.json").read_text())
+    assert processor["processor_class"] == "Gemma4Processor"
+    assert processor["video_processor"]["patch_size"] == vision["patch_size"]

@@ -65,6 +65,10 @@ def test_tower_lora_lands_on_real_linear_weight_and_keeps_clip_buffers(
         assert float(f.get_tensor("model.vision_tower.encoder.layers.0.self_attn.q_proj.input_max")) == 8.0
     assert not any("lora_" in k or "base_layer" in k for k in keys)
     assert "quantization_config" not in json.loads((merged_full / "config.json").read_text())
+    # what vLLM's Gemma4Processor reads to serve this layout comes along unchanged
+    assert (merged_full / "processor_config.json").read_bytes() == (
+        demo.base / "processor_config.json"
+    ).read_bytes()
 
 
 def test_text_only_export_layout(merged_text: Path) -> None:
@@ -77,6 +81,7 @@ def test_text_only_export_layout(merged_text: Path) -> None:
     assert report["skipped_tower"] and report["skipped_tower_max_abs_b"] > 0 and not report["merged_tower"]
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (merged_text / name).exists(), name
+    assert not (merged_text / "processor_config.json").exists()  # text only: no media processors
 
 
 def test_merged_logits_equal_unmerged_peft_logits(
