@@ -432,6 +432,8 @@ class _BaseClient:
 class EndpointClient(_BaseClient):
     """Blocking client. ``with EndpointClient(url) as client: client.extract(text)``.
 
+    ``EndpointClient([url1, url2, ...])`` spreads the requests over several servers, with fail-over.
+
     ``grounding=True`` makes ``extract_many`` attach grounding warnings (``client.grounding``) to
     each result; for one text, call ``check_grounding(text, client.extract(text))``."""
 
