@@ -260,13 +260,15 @@ def _response_body(exc: openai.APIStatusError) -> Any:
         return exc.response.text or None
 
 
-def _translate(exc: BaseException, attempts: int, servers: int = 1) -> EndpointError:
-    # With several servers the call ends only after every one was tried; the last one is named.
+def _translate(exc: BaseException, attempts: int, servers: int = 1, tried: int = 1) -> EndpointError:
+    # With several servers, the last one tried is named.
     said, reached, lead = "server", "the server", ""
     if servers > 1 and isinstance(exc, openai.APIError):
         url = exc.request.url
         said = reached = f"the last ({url.scheme}://{url.netloc.decode()})"
         lead = f"all {servers} servers tried and failed; "
+        if tried < servers:
+            lead = f"{tried} of {servers} servers tried and failed, the others cooling down after failures; "
     if isinstance(exc, openai.APIStatusError):
         message = _server_message(exc)
         if _retryable(exc):
@@ -387,17 +389,20 @@ class _BaseClient:
         self._add_usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
     def _retry_kwargs(self, tried: set[int]) -> dict[str, Any]:
-        """One call's retry policy: ``max_retries`` retries, and beyond them every server once."""
+        """One call's retry policy: ``max_retries`` retries, and beyond them every server once
+        (at most one more attempt per server, whatever the others' cool-downs)."""
+        n = len(self._pool.servers)
         retries = stop_after_attempt(self._options.max_retries + 1)
+        cap = stop_after_attempt(self._options.max_retries + n)
         return {
-            "stop": lambda state: retries(state) and len(tried) == len(self._pool.servers),
+            "stop": lambda state: retries(state) and (len(tried) == n or cap(state)),
             "wait": _Wait(self._pool, tried),
             "retry": retry_if_exception(_retryable),
             "reraise": False,
         }
 
-    def _fail(self, exc: BaseException, attempts: int) -> EndpointError:
-        return _translate(exc, attempts, len(self._pool.servers))
+    def _fail(self, exc: BaseException, attempts: int, tried: set[int]) -> EndpointError:
+        return _translate(exc, attempts, len(self._pool.servers), len(tried))
 
     @staticmethod
     def _parse(completion: ChatCompletion) -> EndpointExtraction | str:
@@ -472,9 +477,9 @@ class EndpointClient(_BaseClient):
                     attempts += 1
                     result = fn(self._sdks[server.index])
         except RetryError as exc:
-            raise self._fail(exc.last_attempt.exception() or exc, attempts) from None
+            raise self._fail(exc.last_attempt.exception() or exc, attempts, tried) from None
         except openai.OpenAIError as exc:
-            raise self._fail(exc, attempts) from None
+            raise self._fail(exc, attempts, tried) from None
         return result
 
     def _create(self, text: str, max_tokens: int) -> ChatCompletion:
@@ -561,9 +566,9 @@ class AsyncEndpointClient(_BaseClient):
                     attempts += 1
                     result = await fn(self._sdks[server.index])
         except RetryError as exc:
-            raise self._fail(exc.last_attempt.exception() or exc, attempts) from None
+            raise self._fail(exc.last_attempt.exception() or exc, attempts, tried) from None
         except openai.OpenAIError as exc:
-            raise self._fail(exc, attempts) from None
+            raise self._fail(exc, attempts, tried) from None
         return result
 
     async def _create(self, text: str, max_tokens: int) -> ChatCompletion:

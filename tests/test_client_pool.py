@@ -99,6 +99,19 @@ def test_all_servers_down_is_server_unavailable_after_trying_each() -> None:
         assert sorted(hits) == ["a", "b"]
 
 
+def test_attempts_stay_bounded_while_other_servers_cool_down() -> None:
+    hits: list[str] = []
+
+    def boom(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "boom"}})
+
+    with EndpointClient([A, B], transport=servers(boom, ok, hits), max_retries=0) as client:
+        client._pool.servers[1].down_until = time.monotonic() + 3600  # b failed for another call
+        with pytest.raises(ServerUnavailableError, match=r"^1 of 2 servers tried and failed") as err:
+            client.extract("Body height")
+        assert hits == ["a", "a"] and err.value.attempts == 2  # max_retries + one per server
+
+
 def test_one_server_keeps_its_retries_and_message() -> None:
     answers = [httpx.Response(503, headers={"retry-after": "0"}), httpx.Response(200, json=completion(VALID))]
     with EndpointClient(A, transport=httpx.MockTransport(lambda r: answers.pop(0)), max_retries=1) as client:
@@ -147,9 +160,39 @@ def test_async_least_in_flight_and_fail_over() -> None:
             release.set()
             await slow
             a_dead = True
+            for _ in range(4):
+                await client.extract("Body height")
+            assert hits[4:].count("a") == 1  # refused once (within two turns), then sits out
             results = await client.extract_many(["Body height"] * 6, concurrency=3)
-            assert all(r.ok for r in results) and client.usage.requests == 10
-            assert hits[4:].count("a") == 1  # refused once, then sat out its cool-down
+            assert all(r.ok for r in results) and client.usage.requests == 14
+            assert hits[4:].count("a") == 1
+
+    asyncio.run(run())
+
+
+def test_async_a_retry_goes_first_to_a_server_not_yet_tried() -> None:
+    async def run() -> None:
+        hits: list[str] = []
+        release = asyncio.Event()
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            hits.append(request.url.host[0])
+            if hits[-1] == "b":
+                return httpx.Response(500, json={"error": {"message": "boom"}})
+            if len(hits) == 1:
+                await release.wait()
+            return ok(request)
+
+        transport = httpx.MockTransport(handler)
+        async with AsyncEndpointClient([A, B], transport=transport, max_retries=1) as client:
+            slow = asyncio.create_task(client.extract("Body height"))  # a, first in turn, hangs
+            while not hits:
+                await asyncio.sleep(0)
+            # b has fewer in flight and answers 500 (not a down server); the retry goes to a.
+            await client.extract("Body height")
+            assert hits == ["a", "b", "a"]
+            release.set()
+            await slow
 
     asyncio.run(run())
 
