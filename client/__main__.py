@@ -1,5 +1,7 @@
 """python -m client extract "TEXT" | python -m client batch INPUT OUTPUT [--concurrency N] ...
 
+``--base-url`` may be repeated: the requests are spread over those servers, with fail-over.
+
 Exit status: 0 done; 1 an extraction failed (extract) or OUTPUT holds failed records (batch);
 2 a bad argument or file; 130 (Ctrl-C) or 143 (SIGTERM) interrupted: a later run goes on from there.
 """
@@ -23,7 +25,11 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         return value if top else argparse.SUPPRESS
 
     parser.add_argument(
-        "--base-url", default=default(None), help="server URL (default: ENDPOINT_BASE_URL or local)"
+        "--base-url",
+        action="append",
+        default=default(None),
+        help="server URL; repeat it to spread the requests over several servers "
+        "(default: ENDPOINT_BASE_URL or local)",
     )
     parser.add_argument("--api-key", default=default(None), help="bearer token (default: ENDPOINT_API_KEY)")
     parser.add_argument("--model", default=default(DEFAULT_MODEL), help="served model name")

@@ -2,6 +2,11 @@
 
 Built on the OpenAI SDK with its own retries turned off: this module is the only retry layer
 (jittered exponential backoff that honours Retry-After), so retries are counted and bounded once.
+
+Several base URLs make one pool of servers: each attempt goes to the server with the fewest
+requests in flight (ties in turn); a server that cannot be reached or answers 502/503/504 sits out
+a short cool-down, and the next attempt goes at once to another server. Attempts are sequential,
+never hedged, so a request is answered, and counted, once.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ import asyncio
 import functools
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +46,7 @@ from client._constants import (
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT,
     RETRY_MAX_TOKENS,
+    SERVER_COOLDOWN,
 )
 from client._exceptions import (
     AuthenticationError,
@@ -54,6 +62,8 @@ from client.models import EndpointExtraction
 from client.prompt import build_messages
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Answers that say the server (or the proxy before it) cannot serve now: try another one.
+_DOWN_STATUS = frozenset({502, 503, 504})
 # Requests go through the SDK's post(): its typed create() walks every parameter against its
 # TypedDicts on each call (about 1 ms for this body, the JSON schema included), and the body here
 # is built by this module. Transport, auth, error types and response parsing are still the SDK's.
@@ -93,7 +103,7 @@ class ExtractionResult:
 
 @dataclass
 class _Options:
-    base_url: str
+    base_urls: tuple[str, ...]
     api_key: str
     model: str
     timeout: httpx.Timeout
@@ -103,6 +113,79 @@ class _Options:
     transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     grounding: bool = False
+
+
+@dataclass
+class _Server:
+    index: int
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0  # time.monotonic() until which it sits out; 0: up
+
+
+class _Pool:
+    """Which server the next attempt goes to. Thread-safe: the sync client calls from threads."""
+
+    def __init__(self, urls: Sequence[str], cooldown: float = SERVER_COOLDOWN) -> None:
+        self.servers = [_Server(i, url) for i, url in enumerate(urls)]
+        self.cooldown = cooldown
+        self._lock = threading.Lock()
+        self._turn = 0
+
+    def _up(self, now: float) -> list[_Server]:
+        return [s for s in self.servers if s.down_until <= now]
+
+    def pick(self, tried: set[int]) -> _Server:
+        """Up servers this call has not tried first, then any up server, the fewest in flight
+        first (ties in turn); when all are down, the untried one whose cool-down ends first."""
+        with self._lock:
+            up = self._up(time.monotonic())
+            group = [s for s in up if s.index not in tried] or up
+            if group:
+                n, turn = len(self.servers), self._turn
+                self._turn += 1
+                server = min(group, key=lambda s: (s.in_flight, (s.index - turn) % n))
+            else:
+                server = min(self.servers, key=lambda s: (s.index in tried, s.down_until))
+            server.in_flight += 1
+            return server
+
+    @contextmanager
+    def use(self, tried: set[int]) -> Iterator[_Server]:
+        server = self.pick(tried)
+        tried.add(server.index)
+        try:
+            yield server
+        except BaseException as exc:
+            with self._lock:
+                server.in_flight -= 1
+                if _marks_down(exc):
+                    server.down_until = time.monotonic() + self.cooldown
+            raise
+        with self._lock:
+            server.in_flight -= 1
+            server.down_until = 0.0
+
+    def untried_up(self, tried: set[int]) -> bool:
+        with self._lock:
+            return any(s.index not in tried for s in self._up(time.monotonic()))
+
+
+def _marks_down(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # refused, reset, timed out
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in _DOWN_STATUS
+
+
+def _base_urls(base_url: str | Sequence[str] | None) -> tuple[str, ...]:
+    if base_url is None:
+        base_url = os.environ.get("ENDPOINT_BASE_URL") or DEFAULT_BASE_URL
+    urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+    if not urls or not all(isinstance(url, str) and url for url in urls):
+        raise ValueError("base_url must be a URL or a non-empty sequence of URLs")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"base_url lists a server twice: {', '.join(urls)}")
+    return urls
 
 
 @functools.cache
@@ -143,12 +226,16 @@ def _retry_after(exc: BaseException | None) -> float | None:
 
 
 class _Wait:
-    """Jittered exponential backoff, but never shorter than the server's Retry-After."""
+    """Jittered exponential backoff, but never shorter than the server's Retry-After; no wait when
+    an up server this call has not tried is there to fail over to."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: _Pool, tried: set[int]) -> None:
         self._backoff = wait_random_exponential(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX)
+        self._pool, self._tried = pool, tried
 
     def __call__(self, state: RetryCallState) -> float:
+        if self._pool.untried_up(self._tried):
+            return 0.0
         backoff = self._backoff(state)
         hint = _retry_after(state.outcome.exception() if state.outcome else None)
         return max(backoff, hint) if hint is not None else backoff
@@ -173,12 +260,20 @@ def _response_body(exc: openai.APIStatusError) -> Any:
         return exc.response.text or None
 
 
-def _translate(exc: BaseException, attempts: int) -> EndpointError:
+def _translate(exc: BaseException, attempts: int, servers: int = 1, tried: int = 1) -> EndpointError:
+    # With several servers, the last one tried is named.
+    said, reached, lead = "server", "the server", ""
+    if servers > 1 and isinstance(exc, openai.APIError):
+        url = exc.request.url
+        said = reached = f"the last ({url.scheme}://{url.netloc.decode()})"
+        lead = f"all {servers} servers tried and failed; "
+        if tried < servers:
+            lead = f"{tried} of {servers} servers tried and failed, the others cooling down after failures; "
     if isinstance(exc, openai.APIStatusError):
         message = _server_message(exc)
         if _retryable(exc):
             return ServerUnavailableError(
-                f"server answered {exc.status_code} after {attempts} attempts: {message}",
+                f"{lead}{said} answered {exc.status_code} after {attempts} attempts: {message}",
                 attempts=attempts,
                 status_code=exc.status_code,
             )
@@ -187,7 +282,7 @@ def _translate(exc: BaseException, attempts: int) -> EndpointError:
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
         return ServerUnavailableError(
-            f"cannot reach the server after {attempts} attempts: {type(cause).__name__}: {cause}",
+            f"{lead}cannot reach {reached} after {attempts} attempts: {type(cause).__name__}: {cause}",
             attempts=attempts,
         )
     if isinstance(exc, EndpointError):
@@ -198,7 +293,7 @@ def _translate(exc: BaseException, attempts: int) -> EndpointError:
 class _BaseClient:
     def __init__(
         self,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         *,
         api_key: str | None = None,
         model: str = DEFAULT_MODEL,
@@ -214,7 +309,7 @@ class _BaseClient:
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         self._options = _Options(
-            base_url=base_url or os.environ.get("ENDPOINT_BASE_URL") or DEFAULT_BASE_URL,
+            base_urls=_base_urls(base_url),
             api_key=api_key or os.environ.get(API_KEY_ENV) or "EMPTY",
             model=model,
             timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
@@ -226,10 +321,17 @@ class _BaseClient:
         )
         self.usage = Usage()
         self._usage_lock = threading.Lock()
+        self._pool = _Pool(self._options.base_urls)
 
     @property
     def base_url(self) -> str:
-        return self._options.base_url
+        """The first server's URL (the only one, for a client of one server)."""
+        return self._options.base_urls[0]
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Every server this client spreads its requests over."""
+        return self._options.base_urls
 
     @property
     def model(self) -> str:
@@ -245,7 +347,7 @@ class _BaseClient:
         """A new client with some options changed; this one is left as it is."""
         o = self._options
         return type(self)(
-            o.base_url,
+            o.base_urls,
             api_key=o.api_key,
             model=o.model,
             timeout=o.timeout if timeout is None else timeout,
@@ -286,13 +388,21 @@ class _BaseClient:
             usage = {}
         self._add_usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
-    def _retry_kwargs(self) -> dict[str, Any]:
+    def _retry_kwargs(self, tried: set[int]) -> dict[str, Any]:
+        """One call's retry policy: ``max_retries`` retries, and beyond them every server once
+        (at most one more attempt per server, whatever the others' cool-downs)."""
+        n = len(self._pool.servers)
+        retries = stop_after_attempt(self._options.max_retries + 1)
+        cap = stop_after_attempt(self._options.max_retries + n)
         return {
-            "stop": stop_after_attempt(self._options.max_retries + 1),
-            "wait": _Wait(),
+            "stop": lambda state: retries(state) and (len(tried) == n or cap(state)),
+            "wait": _Wait(self._pool, tried),
             "retry": retry_if_exception(_retryable),
             "reraise": False,
         }
+
+    def _fail(self, exc: BaseException, attempts: int, tried: set[int]) -> EndpointError:
+        return _translate(exc, attempts, len(self._pool.servers), len(tried))
 
     @staticmethod
     def _parse(completion: ChatCompletion) -> EndpointExtraction | str:
@@ -327,10 +437,12 @@ class _BaseClient:
 class EndpointClient(_BaseClient):
     """Blocking client. ``with EndpointClient(url) as client: client.extract(text)``.
 
+    ``EndpointClient([url1, url2, ...])`` spreads the requests over several servers, with fail-over.
+
     ``grounding=True`` makes ``extract_many`` attach grounding warnings (``client.grounding``) to
     each result; for one text, call ``check_grounding(text, client.extract(text))``."""
 
-    def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, base_url: str | Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         o = self._options
         if o.transport is not None and not isinstance(o.transport, httpx.BaseTransport):
@@ -342,38 +454,43 @@ class EndpointClient(_BaseClient):
                 max_connections=o.max_connections, max_keepalive_connections=o.max_connections
             ),
         )
-        # The SDK is typed against its httpx2 fork but takes httpx clients and timeouts as they are.
-        self._openai = openai.OpenAI(
-            base_url=o.base_url,
-            api_key=o.api_key,
-            timeout=o.timeout,  # type: ignore[arg-type]
-            max_retries=0,
-            http_client=self._http,  # type: ignore[arg-type]
-        )
+        # One SDK client per server, all on one connection pool. The SDK is typed against its
+        # httpx2 fork but takes httpx clients and timeouts as they are.
+        self._sdks = [
+            openai.OpenAI(
+                base_url=url,
+                api_key=o.api_key,
+                timeout=o.timeout,  # type: ignore[arg-type]
+                max_retries=0,
+                http_client=self._http,  # type: ignore[arg-type]
+            )
+            for url in o.base_urls
+        ]
 
-    def _call(self, fn: Callable[[], _T]) -> _T:
-        """``fn()`` under the one retry layer; failures come out as EndpointError."""
+    def _call(self, fn: Callable[[openai.OpenAI], _T]) -> _T:
+        """``fn(server)`` under the one retry layer; failures come out as EndpointError."""
         attempts = 0
+        tried: set[int] = set()
         try:
-            for attempt in Retrying(**self._retry_kwargs()):
-                with attempt:
+            for attempt in Retrying(**self._retry_kwargs(tried)):
+                with attempt, self._pool.use(tried) as server:
                     attempts += 1
-                    result = fn()
+                    result = fn(self._sdks[server.index])
         except RetryError as exc:
-            raise _translate(exc.last_attempt.exception() or exc, attempts) from None
+            raise self._fail(exc.last_attempt.exception() or exc, attempts, tried) from None
         except openai.OpenAIError as exc:
-            raise _translate(exc, attempts) from None
+            raise self._fail(exc, attempts, tried) from None
         return result
 
     def _create(self, text: str, max_tokens: int) -> ChatCompletion:
         request = self._request(text, max_tokens)
-        completion = self._call(lambda: self._openai.post(_CHAT_PATH, body=request, cast_to=ChatCompletion))
+        completion = self._call(lambda sdk: sdk.post(_CHAT_PATH, body=request, cast_to=ChatCompletion))
         self._record(completion)
         return completion
 
     def served_models(self) -> list[str]:
-        """The model names the server serves (``GET /models``)."""
-        page = self._call(lambda: self._openai.models.list())
+        """The model names the server serves (``GET /models``; with several, the one asked)."""
+        page = self._call(lambda sdk: sdk.models.list())
         return [model.id for model in page.data]
 
     def extract(self, text: str) -> EndpointExtraction:
@@ -404,7 +521,7 @@ class EndpointClient(_BaseClient):
             return list(pool.map(one, range(len(items))))
 
     def close(self) -> None:
-        self._openai.close()
+        self._http.close()  # the SDK clients' one connection pool
 
     def __enter__(self) -> EndpointClient:
         return self
@@ -416,7 +533,7 @@ class EndpointClient(_BaseClient):
 class AsyncEndpointClient(_BaseClient):
     """Async client with the same methods as EndpointClient, as coroutines."""
 
-    def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, base_url: str | Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         o = self._options
         if o.transport is not None and not isinstance(o.transport, httpx.AsyncBaseTransport):
@@ -428,44 +545,46 @@ class AsyncEndpointClient(_BaseClient):
                 max_connections=o.max_connections, max_keepalive_connections=o.max_connections
             ),
         )
-        self._openai = openai.AsyncOpenAI(
-            base_url=o.base_url,
-            api_key=o.api_key,
-            timeout=o.timeout,  # type: ignore[arg-type]
-            max_retries=0,
-            http_client=self._http,  # type: ignore[arg-type]
-        )
+        self._sdks = [
+            openai.AsyncOpenAI(
+                base_url=url,
+                api_key=o.api_key,
+                timeout=o.timeout,  # type: ignore[arg-type]
+                max_retries=0,
+                http_client=self._http,  # type: ignore[arg-type]
+            )
+            for url in o.base_urls
+        ]
 
-    async def _call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
-        """``await fn()`` under the one retry layer; failures come out as EndpointError."""
+    async def _call(self, fn: Callable[[openai.AsyncOpenAI], Awaitable[_T]]) -> _T:
+        """``await fn(server)`` under the one retry layer; failures come out as EndpointError."""
         attempts = 0
+        tried: set[int] = set()
         try:
-            async for attempt in AsyncRetrying(**self._retry_kwargs()):
-                with attempt:
+            async for attempt in AsyncRetrying(**self._retry_kwargs(tried)):
+                with attempt, self._pool.use(tried) as server:
                     attempts += 1
-                    result = await fn()
+                    result = await fn(self._sdks[server.index])
         except RetryError as exc:
-            raise _translate(exc.last_attempt.exception() or exc, attempts) from None
+            raise self._fail(exc.last_attempt.exception() or exc, attempts, tried) from None
         except openai.OpenAIError as exc:
-            raise _translate(exc, attempts) from None
+            raise self._fail(exc, attempts, tried) from None
         return result
 
     async def _create(self, text: str, max_tokens: int) -> ChatCompletion:
         request = self._request(text, max_tokens)
-        completion = await self._call(
-            lambda: self._openai.post(_CHAT_PATH, body=request, cast_to=ChatCompletion)
-        )
+        completion = await self._call(lambda sdk: sdk.post(_CHAT_PATH, body=request, cast_to=ChatCompletion))
         self._record(completion)
         return completion
 
     async def served_models(self) -> list[str]:
-        page = await self._call(lambda: self._openai.models.list())
+        page = await self._call(lambda sdk: sdk.models.list())
         return [model.id for model in page.data]
 
     async def _post_chat(self, body: dict[str, Any]) -> tuple[httpx.Response, Any]:
         """POST a chat completion body exactly as given (the OpenAI Batch API pass-through), under
         the same retry layer; returns the HTTP response and its JSON body."""
-        response = await self._call(lambda: self._openai.post(_CHAT_PATH, body=body, cast_to=httpx.Response))
+        response = await self._call(lambda sdk: sdk.post(_CHAT_PATH, body=body, cast_to=httpx.Response))
         try:
             payload = response.json()
         except ValueError:
@@ -501,7 +620,7 @@ class AsyncEndpointClient(_BaseClient):
         return list(await asyncio.gather(*(one(i) for i in range(len(items)))))
 
     async def close(self) -> None:
-        await self._openai.close()
+        await self._http.aclose()  # the SDK clients' one connection pool
 
     async def __aenter__(self) -> AsyncEndpointClient:
         return self

@@ -14,6 +14,9 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=120.0)
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 20.0
+# Seconds a server that cannot be reached (or answers 502/503/504) sits out before it is tried
+# again: short, so a restarted server rejoins soon.
+SERVER_COOLDOWN = 5.0
 API_KEY_ENV = "ENDPOINT_API_KEY"
 
 # Bulk jobs (client/batch.py).

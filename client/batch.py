@@ -571,8 +571,11 @@ class BatchJob:
     async def _check_server(self, client: AsyncEndpointClient, fmt: InputFormat) -> None:
         models = await client.served_models()
         if fmt != "openai" and client.model not in models:
+            where = f"the server at {client.base_url}"
+            if len(client.base_urls) > 1:
+                where = f"a server of {', '.join(client.base_urls)}"
             raise BatchError(
-                f"the server at {client.base_url} does not serve {client.model!r} "
+                f"{where} does not serve {client.model!r} "
                 f"(it serves: {', '.join(models) or 'nothing'}); pass --model"
             )
 

@@ -13,6 +13,7 @@ from serve.launcher import (
     LaunchError,
     ServerProcess,
     check_kv_cache_fits,
+    check_passthrough,
     check_port_free,
     local_url,
     on_cpu,
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.extract is not None:
             return _extract_once(settings, passthrough)
+        check_passthrough(passthrough)
         check_port_free(settings.host, settings.port)
         model = prepare_model(settings)
         env = server_env(settings)

@@ -54,6 +54,22 @@ def _given(flag: str, passthrough: list[str]) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in passthrough)
 
 
+# `vllm serve` options that vLLM's API server module, which serve runs, accepts but ignores.
+_VLLM_SERVE_ONLY = ("--headless", "--api-server-count", "-asc")
+
+
+def check_passthrough(passthrough: list[str]) -> None:
+    """Refuse vLLM flags that would be silently ignored: data parallelism itself
+    (``--data-parallel-*``) passes through, the multi-process launch around it does not."""
+    for flag in _VLLM_SERVE_ONLY:
+        if _given(flag, passthrough):
+            raise LaunchError(
+                f"{flag} is a `vllm serve` option that python -m serve cannot honour (it runs one API "
+                "server process); run `vllm serve` itself for headless data-parallel nodes and "
+                "several API servers"
+            )
+
+
 def local_url(host: str, port: int) -> str:
     """Where this machine reaches a server bound to ``host``."""
     if host in ("", "0.0.0.0"):

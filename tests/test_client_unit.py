@@ -32,9 +32,7 @@ def completion(content: str, finish: str = "stop") -> dict:
 
 
 def make_client(handler, **kwargs) -> EndpointClient:  # type: ignore[no-untyped-def]
-    client = EndpointClient("http://test/v1", **kwargs)
-    client._openai._client = httpx.Client(transport=httpx.MockTransport(handler))  # type: ignore[attr-defined]
-    return client
+    return EndpointClient("http://test/v1", transport=httpx.MockTransport(handler), **kwargs)
 
 
 def test_retries_5xx_and_429_then_succeeds() -> None:

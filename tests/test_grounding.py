@@ -152,9 +152,8 @@ def _answer(content: str) -> httpx.Response:
 
 def _client(grounding: bool) -> EndpointClient:
     body = extraction(endpoint("Body height", measurement_method="Stadiometer")).model_dump_json()
-    client = EndpointClient("http://test/v1", grounding=grounding)
-    client._openai._client = httpx.Client(transport=httpx.MockTransport(lambda request: _answer(body)))  # type: ignore[attr-defined]
-    return client
+    transport = httpx.MockTransport(lambda request: _answer(body))
+    return EndpointClient("http://test/v1", grounding=grounding, transport=transport)
 
 
 def test_client_grounding_option_attaches_warnings_and_keeps_the_answer() -> None:

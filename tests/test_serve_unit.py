@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from client import endpoint_json_schema
-from serve.launcher import server_env, settings_argv, vllm_argv
+from serve.launcher import LaunchError, check_passthrough, server_env, settings_argv, vllm_argv
 from serve.middleware import Policy, PolicyError, schema_response_format
 from serve.settings import ServeSettings, parse_settings
 from serve.supervisor import root_cause
@@ -195,3 +195,37 @@ def test_root_cause_reads_json_log_records() -> None:
     }
     lines = ['{"levelname": "INFO", "message": "ready"}', json.dumps(record), "warnings.warn('x')"]
     assert root_cause(lines) == "EngineDeadError: EngineCore encountered an issue."
+
+
+DATA_PARALLEL = [
+    "--data-parallel-size", "4", "-dpl", "2", "--data-parallel-address=10.0.0.1",
+    "--data-parallel-rpc-port", "13345", "--data-parallel-start-rank", "0", "-dpb", "mp",
+]  # fmt: skip
+
+
+def test_data_parallel_flags_reach_vllm_unchanged(tmp_path: Path) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    settings, passthrough = parse_settings(["--model", str(tmp_path), *DATA_PARALLEL, "--port", "9000"])
+    assert passthrough == DATA_PARALLEL and settings.port == 9000
+    check_passthrough(passthrough)
+    argv = vllm_argv(settings, str(tmp_path), passthrough)
+    engine = AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(argv))
+    assert (engine.data_parallel_size, engine.data_parallel_size_local) == (4, 2)
+    assert (engine.data_parallel_address, engine.data_parallel_rpc_port) == ("10.0.0.1", 13345)
+    assert (engine.data_parallel_start_rank, engine.data_parallel_backend) == (0, "mp")
+    short = vllm_argv(settings, str(tmp_path), parse_settings(["--model", str(tmp_path), "-dp", "2"])[1])
+    assert (
+        AsyncEngineArgs.from_cli_args(
+            make_arg_parser(FlexibleArgumentParser()).parse_args(short)
+        ).data_parallel_size
+        == 2
+    )
+
+
+@pytest.mark.parametrize("flag", [["--headless"], ["--api-server-count", "2"], ["-asc=2"]])
+def test_vllm_serve_only_flags_are_refused_not_ignored(flag: list[str]) -> None:
+    with pytest.raises(LaunchError, match=r"is a `vllm serve` option"):
+        check_passthrough(["-dp", "2", *flag])
