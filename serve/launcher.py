@@ -145,6 +145,7 @@ def server_env(settings: ServeSettings) -> dict[str, str]:
         ENDPOINT_SERVED_MODEL_NAME=settings.served_model_name,
         ENDPOINT_MAX_TOKENS_CAP=str(settings.max_tokens_cap),
         ENDPOINT_MAX_BODY_BYTES=str(settings.max_body_bytes),
+        ENDPOINT_BODY_TIMEOUT=str(settings.body_timeout),
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]),
     )
     if settings.log_format == "json":

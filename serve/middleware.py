@@ -6,7 +6,9 @@ and, for every request:
 * gives it an ``X-Request-Id`` when it has none, so the id vLLM echoes (``--enable-request-id-headers``)
   is also the one its engine and logs use, and logs one line per POST with that id;
 * refuses a missing or wrong API key (vLLM's ``VLLM_API_KEY``) before reading any body;
-* caps the body size and ``max_tokens``, and applies the schema policy to generation requests.
+* caps the body size, the time the body may take to arrive, and ``max_tokens``; refuses a
+  generation request whose body is not a JSON object of valid Unicode with a clear 400 (vLLM would
+  answer some of those with a 500); and applies the schema policy to generation requests.
 
 vLLM instantiates middleware without arguments, so the policy comes from ENDPOINT_* variables that
 ``python -m serve`` sets for the server process.
@@ -14,6 +16,7 @@ vLLM instantiates middleware without arguments, so the policy comes from ENDPOIN
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -37,6 +40,7 @@ CHAT_PATH = "/v1/chat/completions"
 CHAT_PATHS = (CHAT_PATH, "/v1/chat/completions/batch")
 COMPLETIONS_PATH = "/v1/completions"
 SAGEMAKER_PATH = "/invocations"  # vLLM routes it to chat or completions by the body's shape
+GENERATION_PATHS = (*CHAT_PATHS, COMPLETIONS_PATH, SAGEMAKER_PATH)
 # POST routes that generate nothing. Under `force` every other POST route would return text the
 # policy does not constrain (/v1/responses, /v1/messages, /inference/v1/generate, /v1/systemone,
 # audio, and whatever a later vLLM adds), so all of them are closed.
@@ -63,6 +67,10 @@ logger = logging.getLogger("vllm.endpoint_extractor.access")
 
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
+
+
+class _BodyStalled(Exception):
+    """The request body did not arrive within the body timeout."""
 
 
 class PolicyError(Exception):
@@ -123,6 +131,7 @@ class Policy:
     model: str = "endpoint-extractor"
     max_tokens_cap: int = 1024
     max_body_bytes: int = 1_000_000
+    body_timeout: float = 30.0
 
     @classmethod
     def from_env(cls) -> Policy:
@@ -132,13 +141,14 @@ class Policy:
             model=env.get("ENDPOINT_SERVED_MODEL_NAME", "endpoint-extractor"),
             max_tokens_cap=int(env.get("ENDPOINT_MAX_TOKENS_CAP", "1024")),
             max_body_bytes=int(env.get("ENDPOINT_MAX_BODY_BYTES", "1000000")),
+            body_timeout=float(env.get("ENDPOINT_BODY_TIMEOUT", "30")),
         )
 
     def route_open(self, path: str) -> bool:
         """Whether a POST to ``path`` may proceed at all under this policy."""
         if self.mode != "force":
             return True
-        return path in (*CHAT_PATHS, COMPLETIONS_PATH, SAGEMAKER_PATH, *NON_GENERATING_PATHS)
+        return path in (*GENERATION_PATHS, *NON_GENERATING_PATHS)
 
     def apply(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The request as vLLM should see it, or a PolicyError."""
@@ -183,7 +193,9 @@ class Policy:
         for where in (body, sampling if isinstance(sampling, dict) else {}):
             for key in TOKEN_LIMIT_KEYS:
                 value = where.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value > self.max_tokens_cap:
+                if isinstance(value, bool):  # pydantic would take `true` for 1
+                    raise PolicyError(400, f"{key} must be a whole number, not {json.dumps(value)}", key)
+                if isinstance(value, int) and value > self.max_tokens_cap:
                     raise PolicyError(
                         400, f"{key}={value} exceeds this server's cap of {self.max_tokens_cap}", key
                     )
@@ -194,6 +206,7 @@ async def _reply_error(send: Send, status: int, message: str, param: str | None,
         400: "BadRequestError",
         401: "AuthenticationError",
         403: "PermissionDeniedError",
+        408: "RequestTimeoutError",
         413: "RequestTooLargeError",
         503: "ServiceUnavailableError",
     }
@@ -259,15 +272,21 @@ class SchemaPolicyMiddleware:
             except _ClientGone:
                 action = "disconnected"
                 return None
+            except _BodyStalled:
+                action = "rejected"
+                return await reply_error(
+                    408, f"request body not received within {self.policy.body_timeout:g} s; send it whole"
+                )
             if raw is None:
                 action = "rejected"
                 return await reply_error(
                     413, f"request body exceeds this server's limit of {self.policy.max_body_bytes} bytes"
                 )
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None  # not JSON: vLLM answers it with its own 400
+            body, problem = _json_body(raw)
+            if problem is not None and path in GENERATION_PATHS:
+                # Other routes (multipart audio uploads, say) may carry bodies that are not JSON.
+                action = "rejected"
+                return await reply_error(400, problem)
             if isinstance(body, dict):
                 try:
                     new_body, action = self.policy.decide(path, body)
@@ -308,15 +327,21 @@ class SchemaPolicyMiddleware:
         return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._key_digest)
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes | None:
-        """The whole body, or None when it is over the limit (by its declared length or as read)."""
+        """The whole body, or None when it is over the limit (by its declared length or as read).
+        A client that stalls mid-body would otherwise hold its connection and this task forever."""
         limit = self.policy.max_body_bytes
         declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return None
+        deadline = asyncio.get_running_loop().time() + self.policy.body_timeout
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                raise _BodyStalled from None
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             chunk = message.get("body", b"")
@@ -326,6 +351,31 @@ class SchemaPolicyMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+_JSON_TYPES: dict[type, str] = {
+    list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"
+}  # fmt: skip
+
+
+def _json_body(raw: bytes) -> tuple[Any, str | None]:
+    """The parsed body, or why a generation request cannot have it: not UTF-8, not JSON, not an
+    object, or a lone surrogate (escaped as ``\\ud800``) that no tokenizer can encode."""
+    try:
+        body = json.loads(raw.decode("utf-8"))  # strict: UTF-8-encoded surrogates are refused here
+    except UnicodeDecodeError as exc:
+        return None, f"request body is not valid UTF-8 (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    if not isinstance(body, dict):
+        return None, f"request body must be a JSON object, not {_JSON_TYPES[type(body)]}"
+    if b"\\u" in raw:  # only an escape can make a lone surrogate now
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            found = exc.object[exc.start : exc.end]
+            return None, f"request body holds a lone surrogate ({found!a}); send valid Unicode"
+    return body, None
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:

@@ -55,6 +55,9 @@ class ServeSettings(BaseSettings):
     )
     max_tokens_cap: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request body may take to arrive before a 408 (stalled clients)"
+    )
     structured_backend: Literal["xgrammar", "guidance", "outlines", "auto"] = Field(
         "xgrammar", description="vLLM structured-output backend"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client import endpoint_json_schema
-from serve.middleware import Policy, PolicyError, schema_response_format
+from serve.middleware import Policy, PolicyError, _json_body, schema_response_format
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "endpoint-extractor", "messages": [{"role": "user", "content": "x"}]}
@@ -49,3 +49,29 @@ def test_max_tokens_cap(key: str) -> None:
         Policy(max_tokens_cap=100).apply(CHAT, {**BODY, key: 101})
     assert err.value.status == 400 and "cap of 100" in err.value.message
     assert Policy(max_tokens_cap=100).apply(CHAT, {**BODY, key: 100})[key] == 100
+
+
+def test_boolean_max_tokens_is_refused() -> None:
+    with pytest.raises(PolicyError) as err:
+        Policy().apply(CHAT, {**BODY, "max_tokens": True})
+    assert err.value.status == 400 and err.value.message == "max_tokens must be a whole number, not true"
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b'{"model": ', "request body is not valid JSON: Expecting value at line 1 column 11"),
+        (b"", "request body is not valid JSON: Expecting value at line 1 column 1"),
+        (b"[1, 2]", "request body must be a JSON object, not an array"),
+        (b'"hello"', "request body must be a JSON object, not a string"),
+        (b'{"a": "\xff"}', "request body is not valid UTF-8 (byte 7)"),
+        (b'{"a": "\xed\xa0\x80"}', "request body is not valid UTF-8 (byte 7)"),  # an encoded surrogate
+        (b'{"a": "\\ud800"}', "request body holds a lone surrogate ('\\ud800'); send valid Unicode"),
+    ],
+)
+def test_bodies_a_generation_request_cannot_have(raw: bytes, problem: str) -> None:
+    assert _json_body(raw) == (None, problem)
+
+
+def test_valid_bodies_pass_whole() -> None:
+    assert _json_body('{"a": "\\ud83d\\ude00 \u00e9 \u4e2d"}'.encode()) == ({"a": "\U0001f600 é 中"}, None)
