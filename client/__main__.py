@@ -3,7 +3,9 @@
 ``--base-url`` may be repeated: the requests are spread over those servers, with fail-over.
 
 Exit status: 0 done; 1 an extraction failed (extract) or OUTPUT holds failed records (batch);
-2 a bad argument or file; 130 (Ctrl-C) or 143 (SIGTERM) interrupted: a later run goes on from there.
+2 a bad argument, file or text; 75 (EX_TEMPFAIL) no server could be reached: the batch stopped, and
+the same command run again goes on; 130 (Ctrl-C) or 143 (SIGTERM) interrupted: a later run goes on
+from there.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from client._client import AsyncEndpointClient, EndpointClient
 from client._constants import DEFAULT_CONCURRENCY, DEFAULT_MODEL
-from client._exceptions import BatchError, EndpointError
+from client._exceptions import BatchError, EndpointError, InvalidInputError, ServerUnavailableError
+
+EX_TEMPFAIL = 75  # sysexits.h: try again later
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error here; --help shows the usage.
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -46,7 +57,7 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description="Endpoint extractor client")
+    parser = _Parser(prog="python -m client", description="Endpoint extractor client")
     _common(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
     extract = commands.add_parser("extract", help="extract the endpoints of one text, print JSON")
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(client.extract(text).model_dump_json(indent=2))
     except EndpointError as exc:
         print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, InvalidInputError) else 1
     return 0
 
 
@@ -133,6 +144,11 @@ def _batch(args: argparse.Namespace) -> int:
     except BatchError as exc:
         print(f"client: error: {exc}", file=sys.stderr)
         return 2
+    except ServerUnavailableError as exc:
+        job.summary.interrupted = True
+        print(f"client: error: {exc}", file=sys.stderr)
+        print(job.summary.describe() + "; run the same command again to go on", file=sys.stderr)
+        return EX_TEMPFAIL
     except EndpointError as exc:
         print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -204,6 +204,13 @@ def _check_text(text: object) -> str:
         raise InvalidInputError(f"text must be a string, not {type(text).__name__}")
     if not text.strip():
         raise InvalidInputError("text is empty or whitespace only")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        found = text[exc.start : exc.end]
+        raise InvalidInputError(
+            f"text holds a lone surrogate ({found!a}) at character {exc.start}: it is not valid Unicode"
+        ) from None
     return text
 
 

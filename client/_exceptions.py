@@ -21,6 +21,12 @@ class ServerUnavailableError(EndpointError):
         self.attempts = attempts
         self.status_code = status_code
 
+    @property
+    def server_down(self) -> bool:
+        """No server could be reached, or each said it cannot serve now (502/503/504): nothing
+        about the request itself. A bulk job stops on it rather than fail every record after it."""
+        return self.status_code in (None, 502, 503, 504)
+
 
 class RequestRejectedError(EndpointError):
     """The server refused the request (4xx); ``message`` is the server's own explanation."""

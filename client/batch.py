@@ -11,7 +11,9 @@ OpenAI Batch API file (``custom_id``/``method``/``url``/``body`` per line), as O
 Exactly once. A result line is written whole and flushed as soon as its result arrives (fsynced
 every second and at the end), so a restarted job skips the ids OUTPUT already holds; a last line
 torn by a crash is cut off first and its record redone. Failed records are written with their
-error. ``--retry-failed`` reruns only those: their new lines are appended (the last line for an id
+error. A server that cannot be reached (after the client's retries, on every server it has) is
+not a record's failure: the job stops there with ServerUnavailableError, keeping every result that
+came back, and the same command run again goes on. ``--retry-failed`` reruns only those: their new lines are appended (the last line for an id
 wins) and the file is then compacted, rewritten atomically to hold one line per id. A job that
 dies mid-compaction leaves the old file whole; the next run compacts it.
 
@@ -663,6 +665,7 @@ class BatchJob:
         try:
             extraction = await client.extract(record.text)
         except EndpointError as exc:
+            _stop_if_server_down(exc)
             line = {
                 "id": record.id,
                 "line": record.line,
@@ -695,6 +698,12 @@ class BatchJob:
         return {"id": record.id, "line": record.line, "ok": False, "extraction": None, "error": error}
 
 
+def _stop_if_server_down(exc: EndpointError) -> None:
+    """Re-raise what says no server is there: the job stops, this record is redone by the next run."""
+    if isinstance(exc, ServerUnavailableError) and exc.server_down:
+        raise exc
+
+
 def _batch_id() -> str:
     return f"batch_req_{uuid.uuid4().hex}"
 
@@ -706,6 +715,7 @@ async def _openai_call(client: AsyncEndpointClient, record: Record) -> tuple[dic
     try:
         http, payload = await client._post_chat(record.body)
     except EndpointError as exc:
+        _stop_if_server_down(exc)
         status = getattr(exc, "status_code", None)
         body = exc.body if isinstance(exc, RequestRejectedError) else None
         response = None if status is None else {"status_code": status, "request_id": None, "body": body}

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from client import AsyncEndpointClient, BatchError
+from client import AsyncEndpointClient, BatchError, ServerUnavailableError
 from client.__main__ import main as cli
 from client.batch import (
     BatchConfig,
@@ -362,3 +362,66 @@ def test_cli_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_record_key_never_mixes_ids_and_line_numbers() -> None:
     assert Record(3, None).key == 3 and Record(3, 3).key == "3" and Record(3, "3").key == "3"
+
+
+class DiesAfter(FakeServer):
+    """Serves ``n`` extractions, then answers every request with ``status`` (or refuses it)."""
+
+    def __init__(self, n: int, status: int | None = 503) -> None:
+        super().__init__(fail="")
+        self.n, self.down_status = n, status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/models") and len(self.sent) >= self.n:
+            if self.down_status is None:
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(self.down_status, headers={"retry-after": "0"})
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("down", [503, None])
+def test_job_stops_when_the_server_goes_away_and_a_rerun_goes_on(
+    down: int | None, twenty: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    job = BatchJob(BatchConfig(twenty, out, concurrency=1))
+
+    async def go() -> None:
+        transport = httpx.MockTransport(DiesAfter(7, down))
+        async with AsyncEndpointClient("http://fake/v1", transport=transport, max_retries=1) as client:
+            await job.run(client)
+
+    with pytest.raises(ServerUnavailableError) as err:
+        asyncio.run(go())
+    assert err.value.server_down
+    # What came back is kept; nothing is written for the records the server never answered.
+    assert [line["id"] for line in read_out(out)] == [f"r{i}" for i in range(7)]
+    assert job.summary.ok == 7 and job.summary.failed == 0
+    summary = run(BatchConfig(twenty, out), FakeServer())
+    assert (summary.skipped, summary.ok, summary.complete) == (7, 13, True)
+    assert ids(read_out(out)) == Counter(f"r{i}" for i in range(20))
+
+
+def test_a_500_on_one_record_fails_that_record_only(twenty: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    summary = run(BatchConfig(twenty, out), FakeServer(fail="endpoint 3", status=500), max_retries=0)
+    assert (summary.ok, summary.failed, summary.complete) == (19, 1, True)
+
+
+def test_cli_exits_75_when_no_server_answers(
+    twenty: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    # Port 9 (discard) has nothing listening: connection refused at once.
+    assert cli(["--base-url", "http://127.0.0.1:9/v1", "batch", str(twenty), str(out)]) == 75
+    err = capsys.readouterr().err
+    assert "cannot reach the server after" in err and "run the same command again to go on" in err
+    assert not out.exists()
+
+
+def test_cli_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["nope"], ["batch"], ["extract"], ["batch", "a", "b", "--format", "xml"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and "error: " in err, (argv, err)
