@@ -36,7 +36,8 @@ def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from serve.launcher import ServerProcess
     from serve.settings import ServeSettings
 
-    settings = ServeSettings(demo=True, demo_dir=demo_dir, port=free_port())
+    # A short body timeout, so the bad-input catalogue's stalled client is answered soon.
+    settings = ServeSettings(demo=True, demo_dir=demo_dir, port=free_port(), body_timeout=10)
     log = tmp_path_factory.mktemp("logs") / "vllm.log"
     with ServerProcess(settings, log_path=log) as proc:
         yield proc

@@ -153,6 +153,24 @@ def test_force_refuses_a_missing_or_wrong_key(forced: ServerProcess) -> None:
     assert httpx.get(forced.root_url + "/health", timeout=30).status_code == 200
 
 
+def test_the_key_is_never_logged_nor_on_a_command_line(forced: ServerProcess) -> None:
+    assert forced.process is not None
+    sdk = OpenAI(base_url=forced.base_url, api_key=KEY, max_retries=0)
+    sdk.chat.completions.create(model=MODEL, messages=build_messages(TEXT), max_tokens=64)
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=forced.base_url, api_key=KEY + "-wrong", max_retries=0).models.list()
+    log = Path(forced.log_path or "").read_text(errors="replace")
+    assert '"api_key": "***"' in log or "'api_key': '***'" in log  # the settings line masks it
+    assert KEY not in log
+    family = [
+        psutil.Process(forced.process.pid),
+        *psutil.Process(forced.process.pid).children(recursive=True),
+    ]
+    assert len(family) >= 3  # serve, vLLM's API server, its engine
+    for proc in family:
+        assert not any(KEY in arg for arg in proc.cmdline()), proc.cmdline()
+
+
 def test_force_gives_endpoint_json_on_every_open_route(forced: ServerProcess) -> None:
     sdk = OpenAI(base_url=forced.base_url, api_key=KEY, max_retries=0)
     reply = sdk.chat.completions.create(model=MODEL, messages=build_messages(TEXT), max_tokens=512)
