@@ -114,3 +114,17 @@ def test_pyspy_stage_of_prefers_specific_stages() -> None:
     apply = ["GPUModelRunner.sample_tokens (r.py:1)", "apply_grammar_bitmask (u.py:9)"]
     assert stage_of(apply) == "grammar: apply bitmask (runner)"
     assert stage_of(["foo (a.py:1)", "bar (b.py:2)"]) == "other: bar"
+
+
+def test_soak_judges_memory_growth_over_the_measured_part() -> None:
+    from benchmarks.soak import MIB, memory, parse_duration
+
+    steady = [(t * 2.0, 3000 * MIB + (t % 3) * MIB) for t in range(300)]
+    leaking = [(t * 2.0, 3000 * MIB + t * MIB) for t in range(300)]  # 30 MiB a minute
+    assert memory(steady, 64).flat and abs(memory(steady, 64).growth_mib) <= 2
+    leak = memory(leaking, 64)
+    assert not leak.flat and leak.growth_mib > 200 and len(leak.by_minute_mib) == 10
+    assert leak.by_minute_mib == sorted(leak.by_minute_mib)
+    assert [parse_duration(x) for x in ("90", "90s", "10m", "1h")] == [90, 90, 600, 3600]
+    with pytest.raises(Exception, match="expected a duration"):
+        parse_duration("ten minutes")
