@@ -23,7 +23,7 @@ from serve.settings import ServeSettings
 from serve.supervisor import probe
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CORPUS = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "corpus.jsonl"
 RECORDS = 520
 # OUTPUT lines at which the server is killed.

@@ -20,7 +20,7 @@ from serve.launcher import ServerProcess, prepare_model
 from serve.settings import ServeSettings
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CORPUS = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "corpus.jsonl"
 CONCURRENCY = 8
 
