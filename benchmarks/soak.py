@@ -100,6 +100,16 @@ def tree_rss(pid: int) -> float:
     return total
 
 
+def after_warmup(
+    samples: list[tuple[float, float]], warmup: float, duration: float
+) -> list[tuple[float, float]]:
+    """The samples of the measured part, leaving out those taken once a process was gone."""
+    kept = [(t, rss) for t, rss in samples if warmup <= t <= warmup + duration and rss > 0]
+    if not kept:
+        raise SystemExit("soak: error: no memory sample after the warm-up; is --duration too short?")
+    return kept
+
+
 def memory(samples: list[tuple[float, float]], max_growth_mib: float) -> Memory:
     """``samples``: (seconds, bytes) over the measured part."""
     values = [rss for _, rss in samples]
@@ -175,15 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, KeyError) as exc:
         print(stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"soak: error: locust wrote no statistics ({exc})") from None
-
-    def measured(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        kept = [(t, rss) for t, rss in samples if args.warmup <= t <= args.warmup + args.duration and rss > 0]
-        if not kept:
-            raise SystemExit("soak: error: no memory sample after the warm-up; is --duration too short?")
-        return kept
-
-    server_mem = memory(measured(server_rss), args.max_growth_mib)
-    client_mem = memory(measured(client_rss), args.max_growth_mib)
+    server_measured = after_warmup(server_rss, args.warmup, args.duration)
+    server_mem = memory(server_measured, args.max_growth_mib)
+    client_mem = memory(after_warmup(client_rss, args.warmup, args.duration), args.max_growth_mib)
     report = Report(
         date=dt.date.today().isoformat(),
         host=args.host,
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         p99_ms=p99,
         server=server_mem,
         client=client_mem,
-        samples=len(measured(server_rss)),
+        samples=len(server_measured),
         passed=requests > 0 and failures == 0 and server_mem.flat and client_mem.flat,
         machine=f"{platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
     )

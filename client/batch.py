@@ -11,11 +11,13 @@ OpenAI Batch API file (``custom_id``/``method``/``url``/``body`` per line), as O
 Exactly once. A result line is written whole and flushed as soon as its result arrives (fsynced
 every second and at the end), so a restarted job skips the ids OUTPUT already holds; a last line
 torn by a crash is cut off first and its record redone. Failed records are written with their
-error. A server that cannot be reached (after the client's retries, on every server it has) is
-not a record's failure: the job stops there with ServerUnavailableError, keeping every result that
-came back, and the same command run again goes on. ``--retry-failed`` reruns only those: their new lines are appended (the last line for an id
+error. ``--retry-failed`` reruns only those: their new lines are appended (the last line for an id
 wins) and the file is then compacted, rewritten atomically to hold one line per id. A job that
 dies mid-compaction leaves the old file whole; the next run compacts it.
+
+A server that cannot be reached (after the client's retries, on every server it has) is not a
+record's failure: the job stops there with ServerUnavailableError, keeping every result that came
+back, and the same command run again goes on.
 
 Memory stays bounded by the ids: INPUT is streamed twice (a pre-pass that rejects duplicate ids
 and counts the work, then the job), and at most ``concurrency`` records are in flight.

@@ -425,3 +425,17 @@ def test_cli_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str]) ->
             cli(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and "error: " in err, (argv, err)
+
+
+def test_openai_batch_job_also_stops_when_the_server_goes_away(tmp_path: Path) -> None:
+    rows = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "endpoint-extractor", "messages": [{"role": "user", "content": f"t{i}"}]}}
+        for i in range(10)
+    ]  # fmt: skip
+    src, out = write_jsonl(tmp_path / "b.jsonl", rows), tmp_path / "out.jsonl"
+    with pytest.raises(ServerUnavailableError):
+        run(BatchConfig(src, out, concurrency=1), DiesAfter(4, None), max_retries=1)
+    assert [line["custom_id"] for line in read_out(out)] == ["c0", "c1", "c2", "c3"]
+    summary = run(BatchConfig(src, out), FakeServer())
+    assert (summary.skipped, summary.ok, summary.complete) == (4, 6, True)

@@ -128,3 +128,23 @@ def test_soak_judges_memory_growth_over_the_measured_part() -> None:
     assert [parse_duration(x) for x in ("90", "90s", "10m", "1h")] == [90, 90, 600, 3600]
     with pytest.raises(Exception, match="expected a duration"):
         parse_duration("ten minutes")
+
+
+def test_soak_errors_are_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import socket
+
+    from benchmarks.soak import after_warmup, main
+
+    with pytest.raises(SystemExit, match="no memory sample after the warm-up"):
+        after_warmup([(1.0, 5.0), (70.0, 0.0)], warmup=60, duration=60)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening
+        with pytest.raises(SystemExit, match=f"nothing of this user listens on port {port}"):
+            main(["--host", f"http://127.0.0.1:{port}"])
+    # locust refuses an option it does not know and writes no statistics
+    argv = ["--host", "http://127.0.0.1:9", "--server-pid", str(os.getpid()), "--warmup", "0s"]
+    argv += ["--duration", "1s", "--interval", "0.2", "--csv-prefix", str(tmp_path / "s"), "--no-such-flag"]
+    with pytest.raises(SystemExit, match="soak: error: locust wrote no statistics"):
+        main(argv)
