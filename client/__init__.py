@@ -7,12 +7,15 @@ with EndpointClient("http://127.0.0.1:8000/v1") as c:
 
 from client._client import AsyncEndpointClient, EndpointClient, ExtractionResult, Usage
 from client._exceptions import (
+    APITimeoutError,
     AuthenticationError,
     BatchError,
+    ClientClosedError,
     EndpointError,
     InvalidInputError,
     InvalidOutputError,
     OutputTruncatedError,
+    RateLimitError,
     RequestRejectedError,
     ServerUnavailableError,
 )
@@ -21,9 +24,11 @@ from client.models import Endpoint, EndpointExtraction, MeasurementType, endpoin
 from client.prompt import SYSTEM_PROMPT, USER_TEMPLATE, build_messages
 
 __all__ = [
+    "APITimeoutError",
     "AsyncEndpointClient",
     "AuthenticationError",
     "BatchError",
+    "ClientClosedError",
     "Endpoint",
     "EndpointClient",
     "EndpointError",
@@ -34,6 +39,7 @@ __all__ = [
     "InvalidOutputError",
     "MeasurementType",
     "OutputTruncatedError",
+    "RateLimitError",
     "RequestRejectedError",
     "SYSTEM_PROMPT",
     "ServerUnavailableError",

@@ -1,27 +1,52 @@
-"""python -m client extract "TEXT" | python -m client batch INPUT OUTPUT [--concurrency N] ...
+"""python -m client extract TEXT|-|--file PATH | python -m client batch INPUT OUTPUT [--concurrency N] ...
 
 ``--base-url`` may be repeated: the requests are spread over those servers, with fail-over.
+``--timeout S`` bounds each request attempt (connecting at most 5 s of it).
 
-Exit status: 0 done; 1 an extraction failed (extract) or OUTPUT holds failed records (batch);
-2 a bad argument, file or text; 75 (EX_TEMPFAIL) no server could be reached: the batch stopped, and
-the same command run again goes on; 130 (Ctrl-C) or 143 (SIGTERM) interrupted: a later run goes on
-from there.
+Exit status: 0 done; 1 an extraction failed (extract), OUTPUT holds failed records or the key was
+rejected (batch); 2 a bad argument, file or text; 75 (EX_TEMPFAIL) no server answers: the batch
+stopped, and the same command run again goes on; 130 (Ctrl-C) or 143 (SIGTERM) interrupted: a later
+run goes on from there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
+import math
 import signal
 import sys
+from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
+
+import httpx
 
 from client._client import AsyncEndpointClient, EndpointClient
-from client._constants import DEFAULT_CONCURRENCY, DEFAULT_MODEL
-from client._exceptions import BatchError, EndpointError, InvalidInputError, ServerUnavailableError
+from client._constants import BATCH_MAX_LINE_BYTES, DEFAULT_CONCURRENCY, DEFAULT_MODEL, DEFAULT_TIMEOUT
+from client._exceptions import (
+    APITimeoutError,
+    BatchError,
+    EndpointError,
+    InvalidInputError,
+    ServerUnavailableError,
+)
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later
+DISTRIBUTION = "endpoint-extractor"
+TEXT_RULE = (
+    "Text read from standard input or a file is sent exactly as read (no newline translation, "
+    "no trimming), except that one line ending at its very end (\\n or \\r\\n, as echo adds) and a "
+    "UTF-8 byte-order mark at its start are dropped."
+)
+
+
+def version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +69,14 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
     parser.add_argument("--api-key", default=default(None), help="bearer token (default: ENDPOINT_API_KEY)")
     parser.add_argument("--model", default=default(DEFAULT_MODEL), help="served model name")
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=default(None),
+        metavar="S",
+        help=f"seconds each request attempt may take (default: {DEFAULT_TIMEOUT.read:g}); "
+        "a request that times out is retried, then fails alone",
+    )
 
 
 def _positive(value: str) -> int:
@@ -56,12 +89,31 @@ def _positive(value: str) -> int:
     return number
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m client", description="Endpoint extractor client")
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {version()}")
     _common(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
-    extract = commands.add_parser("extract", help="extract the endpoints of one text, print JSON")
-    extract.add_argument("text", help="endpoint text ('-' reads standard input)")
+    extract = commands.add_parser(
+        "extract",
+        help="extract the endpoints of one text, print JSON",
+        description="Extract the endpoints of one text and print them as JSON. " + TEXT_RULE,
+    )
+    source = extract.add_mutually_exclusive_group(required=True)
+    source.add_argument("text", nargs="?", help="endpoint text, sent as given ('-' reads standard input)")
+    source.add_argument(
+        "--file", type=Path, metavar="PATH", help="read the text from this file ('-': standard input)"
+    )
     _common(extract, top=False)
 
     batch = commands.add_parser(
@@ -99,18 +151,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_text(stream: BinaryIO, name: str) -> str:
+    """The text of a file or of standard input by the rule in TEXT_RULE; InvalidInputError when it
+    is not UTF-8."""
+    # Bounded: the server takes no body over 1 MB, and /dev/zero must not fill the memory.
+    data = stream.read(BATCH_MAX_LINE_BYTES + 1)
+    if len(data) > BATCH_MAX_LINE_BYTES:
+        raise InvalidInputError(f"{name} holds more than {BATCH_MAX_LINE_BYTES} bytes")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    for ending in (b"\r\n", b"\n"):
+        if data.endswith(ending):
+            data = data[: -len(ending)]
+            break
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{name} is not valid UTF-8 (byte offset {exc.start})") from None
+
+
+def _extract_text(args: argparse.Namespace) -> str:
+    if args.file is None and args.text != "-":
+        return str(args.text)
+    if args.file is None or str(args.file) == "-":
+        if sys.stdin is None:  # started with standard input closed
+            raise InvalidInputError("standard input is closed")
+        return read_text(sys.stdin.buffer, "standard input")
+    try:
+        with args.file.open("rb") as f:
+            return read_text(f, str(args.file))
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+
+
+def _timeout(seconds: float | None) -> httpx.Timeout:
+    if seconds is None:
+        return DEFAULT_TIMEOUT
+    return httpx.Timeout(seconds, connect=min(seconds, DEFAULT_TIMEOUT.connect or seconds))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "batch":
         return _batch(args)
     try:
-        with EndpointClient(args.base_url, api_key=args.api_key, model=args.model) as client:
-            text = sys.stdin.read() if args.text == "-" else args.text
+        text = _extract_text(args)
+        with EndpointClient(
+            args.base_url, api_key=args.api_key, model=args.model, timeout=_timeout(args.timeout)
+        ) as client:
             print(client.extract(text).model_dump_json(indent=2))
     except EndpointError as exc:
-        print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"client: error: {type(exc).__name__}: {exc}{_timeout_hint(exc, args.timeout)}", file=sys.stderr
+        )
         return 2 if isinstance(exc, InvalidInputError) else 1
     return 0
+
+
+def _timeout_hint(exc: EndpointError, seconds: float | None) -> str:
+    if not isinstance(exc, APITimeoutError):
+        return ""
+    return f" (each attempt may take {seconds or DEFAULT_TIMEOUT.read:g} s: --timeout)"
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -135,7 +236,11 @@ def _batch(args: argparse.Namespace) -> int:
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         async with AsyncEndpointClient(
-            args.base_url, api_key=args.api_key, model=args.model, max_connections=args.concurrency
+            args.base_url,
+            api_key=args.api_key,
+            model=args.model,
+            timeout=_timeout(args.timeout),
+            max_connections=args.concurrency,
         ) as client:
             await job.run(client)
 
@@ -146,11 +251,14 @@ def _batch(args: argparse.Namespace) -> int:
         return 2
     except ServerUnavailableError as exc:
         job.summary.interrupted = True
-        print(f"client: error: {exc}", file=sys.stderr)
+        print(f"client: error: {exc}{_timeout_hint(exc, args.timeout)}", file=sys.stderr)
         print(job.summary.describe() + "; run the same command again to go on", file=sys.stderr)
         return EX_TEMPFAIL
-    except EndpointError as exc:
+    except EndpointError as exc:  # the key was rejected, or the server answered nonsense
         print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if job.summary.total:  # it had started
+            job.summary.interrupted = True
+            print(job.summary.describe(), file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"client: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -15,9 +15,16 @@ error. ``--retry-failed`` reruns only those: their new lines are appended (the l
 wins) and the file is then compacted, rewritten atomically to hold one line per id. A job that
 dies mid-compaction leaves the old file whole; the next run compacts it.
 
-A server that cannot be reached (after the client's retries, on every server it has) is not a
-record's failure: the job stops there with ServerUnavailableError, keeping every result that came
-back, and the same command run again goes on.
+A record's failure is that record's only: an error answer, a malformed answer, a timeout, a dropped
+connection, even a bug (any exception) is written as that record's failure and the job goes on. A
+server that is gone is not a record's failure: when a record fails for want of a server
+(ServerUnavailableError: refused, timed out, 5xx or 429 through every retry), the job asks the
+server for its model list; if that fails too, the job stops there with that ServerUnavailableError,
+keeping every result that came back, and the same command run again goes on. A rejected key
+(AuthenticationError) or a closed client stops the job as well.
+
+A job killed while compacting leaves its temporary ``.OUTPUT.<pid>.compact`` beside OUTPUT; the next
+job removes those of processes that are gone.
 
 Memory stays bounded by the ids: INPUT is streamed twice (a pre-pass that rejects duplicate ids
 and counts the work, then the job), and at most ``concurrency`` records are in flight.
@@ -31,6 +38,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -50,12 +58,15 @@ from client._constants import (
     DEFAULT_CONCURRENCY,
 )
 from client._exceptions import (
+    APITimeoutError,
     AuthenticationError,
     BatchError,
+    ClientClosedError,
     EndpointError,
     InvalidInputError,
     InvalidOutputError,
     OutputTruncatedError,
+    RateLimitError,
     RequestRejectedError,
     ServerUnavailableError,
 )
@@ -68,10 +79,13 @@ Key = str | int
 # How many lines --format auto reads to tell plain JSONL from an OpenAI Batch file.
 DETECT_LINES = 100
 
+# The most specific class in an error's MRO names its code.
 _ERROR_CODES: dict[type[EndpointError], str] = {
     InvalidInputError: "invalid_request",
     AuthenticationError: "authentication_error",
     RequestRejectedError: "request_rejected",
+    RateLimitError: "rate_limit_exceeded",
+    APITimeoutError: "timeout",
     ServerUnavailableError: "server_unavailable",
     OutputTruncatedError: "output_truncated",
     InvalidOutputError: "invalid_output",
@@ -415,6 +429,39 @@ def load_output(path: Path, fmt: InputFormat) -> tuple[dict[Key, bool], int]:
     return latest, lines - len(latest)
 
 
+def _compaction_file(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{pid}.compact")
+
+
+def remove_stale_compactions(path: Path) -> list[Path]:
+    """Remove the compaction files of OUTPUT that processes now gone left behind (killed while
+    compacting); a live process's file is never touched. Returns what was removed."""
+    if os.name != "posix":  # no cheap liveness check by pid: leave them
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9]+)\.compact")
+    removed = []
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))) or not entry.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
 def compact(path: Path, fmt: InputFormat, drop: frozenset[Key] = frozenset()) -> None:
     """Rewrite OUTPUT atomically with only the last line of each key, leaving out ``drop``."""
     last: dict[Key, int] = {}
@@ -424,7 +471,7 @@ def compact(path: Path, fmt: InputFormat, drop: frozenset[Key] = frozenset()) ->
             if parsed is not None:
                 last[parsed[0]] = index
     keep = {index for key, index in last.items() if key not in drop}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.compact")
+    tmp = _compaction_file(path, os.getpid())
     try:
         with path.open("rb") as src, tmp.open("wb") as dst:
             for index, raw in enumerate(src):
@@ -469,25 +516,32 @@ def _open_locked(path: Path) -> IO[bytes]:
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
+    # default=str: a value JSON cannot hold (bytes in an error body) must not fail the job.
     try:
-        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a \\ud800 escape in INPUT: keep it escaped
-        return json.dumps(obj).encode("ascii")
+        return json.dumps(obj, default=str).encode("ascii")
 
 
 def _error_json(exc: EndpointError) -> dict[str, Any]:
     out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    status = getattr(exc, "status_code", None)
-    if status is not None:
-        out["status_code"] = status
-    raw = getattr(exc, "raw", None)
-    if raw is not None:
-        out["raw"] = raw
+    for name in ("status_code", "request_id", "raw"):
+        value = getattr(exc, name, None)
+        if value is not None:
+            out[name] = value
     return out
 
 
 def _error_code(exc: EndpointError) -> str:
-    return next((code for cls, code in _ERROR_CODES.items() if type(exc) is cls), "error")
+    return next((_ERROR_CODES[cls] for cls in type(exc).__mro__ if cls in _ERROR_CODES), "error")
+
+
+def _unexpected(exc: Exception) -> EndpointError:
+    """A record's exception from outside the hierarchy (a bug, or an answer nobody foresaw) as the
+    record's failure."""
+    error = EndpointError(f"unexpected {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 class BatchJob:
@@ -513,6 +567,7 @@ class BatchJob:
         try:
             superseded = 0
             if out is not None:
+                self._remove_stale(cfg.output)
                 repaired = repair_tail(cfg.output, fmt)
                 if repaired:
                     print(f"batch: cut a torn last line ({repaired} bytes) off {cfg.output}", file=sys.stderr)
@@ -523,6 +578,7 @@ class BatchJob:
                 out = _open_locked(cfg.output)
                 if out.tell() != 0:
                     raise BatchError(f"OUTPUT {cfg.output} appeared while this job started; another job?")
+                self._remove_stale(cfg.output)
             elif superseded or stale:
                 compact(cfg.output, fmt, frozenset(stale))
                 for key in stale:
@@ -543,6 +599,11 @@ class BatchJob:
             if out is not None:
                 out.close()
         return self.summary
+
+    @staticmethod
+    def _remove_stale(output: Path) -> None:
+        for path in remove_stale_compactions(output):
+            print(f"batch: removed {path.name}, left by a job killed while compacting", file=sys.stderr)
 
     def _prescan(self, fmt: InputFormat) -> tuple[set[Key], set[Key]]:
         """All input keys (duplicates rejected), and the id-less failures in OUTPUT whose input line
@@ -573,7 +634,14 @@ class BatchJob:
         return done is None or (self.config.retry_failed and not done)
 
     async def _check_server(self, client: AsyncEndpointClient, fmt: InputFormat) -> None:
-        models = await client.served_models()
+        try:
+            models = await client.served_models()
+        except EndpointError:
+            raise
+        except Exception as exc:  # an answer nobody foresaw: still one line, still in the hierarchy
+            raise BatchError(
+                f"cannot read the model list of {client.base_url}: {type(exc).__name__}: {exc}"
+            ) from exc
         if fmt != "openai" and client.model not in models:
             where = f"the server at {client.base_url}"
             if len(client.base_urls) > 1:
@@ -659,29 +727,20 @@ class BatchJob:
     async def _one(
         self, client: AsyncEndpointClient, fmt: InputFormat, record: Record
     ) -> tuple[Key, dict[str, Any], bool]:
-        if fmt == "openai":
-            assert record.body is not None
-            line, ok = await _openai_call(client, record)
-            return record.key, line, ok
-        assert record.text is not None
+        """The record's result line, a failure included; raises only what stops the job."""
         try:
-            extraction = await client.extract(record.text)
-        except EndpointError as exc:
-            _stop_if_server_down(exc)
-            line = {
-                "id": record.id,
-                "line": record.line,
-                "ok": False,
-                "extraction": None,
-                "error": _error_json(exc),
-            }
+            if fmt == "openai":
+                return record.key, await _openai_call(client, record), True
+            assert record.text is not None
+            value = (await client.extract(record.text)).model_dump(mode="json")
+        except Exception as exc:  # every failure of a record is the record's, unless the job must stop
+            error = await _record_error(client, exc)
+            if fmt == "openai":
+                return record.key, _openai_failure(record, error), False
+            line = {"id": record.id, "line": record.line, "ok": False, "extraction": None, "error": _error_json(error)}  # fmt: skip
             return record.key, line, False
-        value = extraction.model_dump(mode="json")
-        return (
-            record.key,
-            {"id": record.id, "line": record.line, "ok": True, "extraction": value, "error": None},
-            True,
-        )
+        line = {"id": record.id, "line": record.line, "ok": True, "extraction": value, "error": None}
+        return record.key, line, True
 
     @staticmethod
     def _problem_line(record: Record, fmt: InputFormat) -> dict[str, Any]:
@@ -700,32 +759,67 @@ class BatchJob:
         return {"id": record.id, "line": record.line, "ok": False, "extraction": None, "error": error}
 
 
-def _stop_if_server_down(exc: EndpointError) -> None:
-    """Re-raise what says no server is there: the job stops, this record is redone by the next run."""
-    if isinstance(exc, ServerUnavailableError) and exc.server_down:
+async def _record_error(client: AsyncEndpointClient, exc: Exception) -> EndpointError:
+    """The error to write for a record that failed with ``exc``; raises instead what stops the job:
+    a rejected key, a closed client, or a server that is gone. A record can fail for want of a
+    server on its own (it times out, its connection drops, a proxy answers 504 for it): the job
+    stops only if the server does not answer its model list either. Then this record is not
+    written, and the next run redoes it."""
+    if not isinstance(exc, EndpointError):
+        return _unexpected(exc)
+    if isinstance(exc, (AuthenticationError, ClientClosedError)):
         raise exc
+    if isinstance(exc, ServerUnavailableError):
+        try:
+            await client.served_models()
+        except (ServerUnavailableError, AuthenticationError, ClientClosedError):
+            raise
+        except Exception:  # it answered, if oddly: the server is there
+            pass
+    return exc
 
 
 def _batch_id() -> str:
     return f"batch_req_{uuid.uuid4().hex}"
 
 
-async def _openai_call(client: AsyncEndpointClient, record: Record) -> tuple[dict[str, Any], bool]:
-    """One OpenAI Batch request, sent as it is; the line the Batch API would write for it."""
+def _openai_failure(record: Record, exc: EndpointError) -> dict[str, Any]:
+    """The Batch API's line for a request that failed; ``response`` where the server answered."""
+    response = None
+    if exc.status_code is not None:
+        response = {"status_code": exc.status_code, "request_id": exc.request_id, "body": exc.body}
+    error = {"code": _error_code(exc), "message": str(exc)}
+    return {"id": _batch_id(), "custom_id": record.id, "response": response, "error": error}
+
+
+def _completion_problem(payload: object) -> str | None:
+    """Why a 2xx body is not a chat completion; None when it is one. Only the shape every reader of
+    the Batch output relies on is checked: the body goes to OUTPUT as the server sent it."""
+    if not isinstance(payload, dict):
+        return f"the answer is JSON {type(payload).__name__}, not a chat completion object"
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "the answer has no choices"
+    for index, choice in enumerate(choices):
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            return f"the answer's choice {index} has no message"
+    return None
+
+
+async def _openai_call(client: AsyncEndpointClient, record: Record) -> dict[str, Any]:
+    """One OpenAI Batch request, sent as it is; the line the Batch API writes for it. A 2xx that
+    is not a chat completion raises InvalidOutputError."""
     assert record.body is not None
-    response: dict[str, Any] | None
-    try:
-        http, payload = await client._post_chat(record.body)
-    except EndpointError as exc:
-        _stop_if_server_down(exc)
-        status = getattr(exc, "status_code", None)
-        body = exc.body if isinstance(exc, RequestRejectedError) else None
-        response = None if status is None else {"status_code": status, "request_id": None, "body": body}
-        error = {"code": _error_code(exc), "message": str(exc)}
-        return {"id": _batch_id(), "custom_id": record.id, "response": response, "error": error}, False
-    request_id = http.headers.get("x-request-id")
-    response = {"status_code": http.status_code, "request_id": request_id, "body": payload}
-    return {"id": _batch_id(), "custom_id": record.id, "response": response, "error": None}, True
+    http, payload = await client._post_chat(record.body)
+    problem = _completion_problem(payload)
+    if problem is not None:
+        raise InvalidOutputError(problem, raw=http.text, response=http, body=payload)
+    response = {
+        "status_code": http.status_code,
+        "request_id": http.headers.get("x-request-id"),
+        "body": payload,
+    }
+    return {"id": _batch_id(), "custom_id": record.id, "response": response, "error": None}
 
 
 @dataclass

@@ -95,9 +95,15 @@ def test_capped_killed_and_resumed_job_writes_each_id_once(
     assert "invalid JSON" in failed[GOOD + 2]["message"] and "UTF-8" in failed[GOOD + 3]["message"]
     assert "NUL" in failed[GOOD + 4]["message"]
 
+    # A --retry-failed run killed while compacting left its temporary file: the next job removes it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out.with_name(f".{out.name}.{dead.pid}.compact")
+    stale.write_bytes(out.read_bytes()[:100])
     retried = batch(server, str(job_input), str(out), "--retry-failed")
     assert retried.returncode == 1 and "0 ok, 5 failed, 26 already done" in retried.stderr, retried.stderr
     assert by_key(read(out)) == expected_keys
+    assert not stale.exists() and f"removed {stale.name}" in retried.stderr
 
 
 def test_openai_batch_file_runs_unchanged(server: Any, tmp_path: Path) -> None:
@@ -117,6 +123,9 @@ def test_openai_batch_file_runs_unchanged(server: Any, tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     lines = {line["custom_id"]: line for line in read(out)}
     assert set(lines) == {"req-0", "req-1", "req-2", "req-3"}
+    # The server's x-request-id, on success and failure lines alike, each its own.
+    request_ids = {line["response"]["request_id"] for line in lines.values()}
+    assert len(request_ids) == 4 and all(isinstance(rid, str) and rid for rid in request_ids)
     for key in ("req-0", "req-1", "req-2"):
         response = lines[key]["response"]
         assert response["status_code"] == 200 and lines[key]["error"] is None

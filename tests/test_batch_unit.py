@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from client import AsyncEndpointClient, BatchError, ServerUnavailableError
+from client import AsyncEndpointClient, AuthenticationError, BatchError, ServerUnavailableError
 from client.__main__ import main as cli
 from client.batch import (
     BatchConfig,
@@ -26,6 +28,7 @@ from client.batch import (
     iter_records,
     repair_tail,
 )
+from tests.local_server import CLOSE, HANG, Reply, local_server
 from tests.test_client_unit import VALID, completion
 
 MODELS = {
@@ -48,7 +51,11 @@ class FakeServer:
         text = body["messages"][-1]["content"]
         self.sent.append(text)
         if self.fail and self.fail in text:
-            return httpx.Response(self.status, json={"error": {"message": "rejected by the fake"}})
+            return httpx.Response(
+                self.status,
+                json={"error": {"message": "rejected by the fake"}},
+                headers={"x-request-id": "req-f"},
+            )
         return httpx.Response(200, json=completion(VALID), headers={"x-request-id": "req-1"})
 
 
@@ -302,6 +309,7 @@ def test_openai_batch_format_in_and_out(tmp_path: Path) -> None:
     assert rejected["response"]["status_code"] == 400
     assert rejected["response"]["body"] == {"error": {"message": "rejected by the fake"}}
     assert rejected["error"]["code"] == "request_rejected"
+    assert rejected["response"]["request_id"] == "req-f"  # the server's id, for its logs
     assert by_id["c"]["response"] is None and "'url' must be" in by_id["c"]["error"]["message"]
     assert by_id[None]["line"] == 4 and by_id[None]["error"]["code"] == "invalid_request"
     assert "stream" in by_id["d"]["error"]["message"]
@@ -372,7 +380,7 @@ class DiesAfter(FakeServer):
         self.n, self.down_status = n, status
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        if not request.url.path.endswith("/models") and len(self.sent) >= self.n:
+        if len(self.sent) >= self.n:  # gone: the model list goes with it
             if self.down_status is None:
                 raise httpx.ConnectError("connection refused", request=request)
             return httpx.Response(self.down_status, headers={"retry-after": "0"})
@@ -439,3 +447,242 @@ def test_openai_batch_job_also_stops_when_the_server_goes_away(tmp_path: Path) -
     assert [line["custom_id"] for line in read_out(out)] == ["c0", "c1", "c2", "c3"]
     summary = run(BatchConfig(src, out), FakeServer())
     assert (summary.skipped, summary.ok, summary.complete) == (4, 6, True)
+
+
+# -- a record's failure is the record's; only a server that is gone stops the job ----------------
+
+NULL_MESSAGE = {**completion(VALID), "choices": [{"index": 0, "finish_reason": "stop", "message": None}]}
+# 2xx answers that are not a chat completion, each of which once escaped as AttributeError,
+# TypeError or ValueError and crashed the job on that record at every rerun.
+BAD_2XX: dict[str, Any] = {
+    "null message": NULL_MESSAGE,
+    "null choices": {**completion(VALID), "choices": None},
+    "null content": {
+        **completion(VALID),
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": None}}],
+    },  # fmt: skip
+    "text body": b"<html>It works!</html>",
+    "list body": [1, 2],
+    "empty body": b"",
+}
+
+
+class Garbage(FakeServer):
+    """Answers ``answer`` with a 2xx for texts holding ``marker``; the rest like FakeServer."""
+
+    def __init__(self, answer: Any, marker: str = "BAD", status: int = 200) -> None:
+        super().__init__(fail="")
+        self.answer, self.marker, self.answer_status = answer, marker, status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/models") and self.marker in request.content.decode():
+            self.sent.append("garbage")
+            headers = {"x-request-id": "req-bad"}
+            if isinstance(self.answer, bytes):
+                return httpx.Response(self.answer_status, content=self.answer, headers=headers)
+            return httpx.Response(self.answer_status, json=self.answer, headers=headers)
+        return super().__call__(request)
+
+
+def six(tmp_path: Path, bad: int = 2, marker: str = "BAD") -> Path:
+    rows = [{"id": f"r{i}", "text": f"endpoint {i}" + (f" {marker}" if i == bad else "")} for i in range(6)]
+    return write_jsonl(tmp_path / "in.jsonl", rows)
+
+
+@pytest.mark.parametrize("answer", BAD_2XX.values(), ids=BAD_2XX.keys())
+def test_a_malformed_2xx_fails_that_record_only_and_reruns_do_not_crash(answer: Any, tmp_path: Path) -> None:
+    inp, out = six(tmp_path), tmp_path / "out.jsonl"
+    summary = run(BatchConfig(inp, out, concurrency=3), Garbage(answer))
+    assert (summary.ok, summary.failed, summary.complete) == (5, 1, True)
+    [failed] = [line for line in read_out(out) if not line["ok"]]
+    assert failed["id"] == "r2" and failed["error"]["message"]
+    assert failed["error"]["type"] == "InvalidOutputError", failed["error"]
+    again = run(BatchConfig(inp, out), Garbage(answer))
+    assert (again.processed, again.complete) == (0, True)
+    retried = run(BatchConfig(inp, out, retry_failed=True), Garbage(answer))
+    assert (retried.failed, retried.output_ok, retried.output_failed) == (1, 5, 1)
+    assert len(read_out(out)) == 6
+
+
+def openai_rows(n: int, bad: int | None = None, marker: str = "BAD") -> list[dict[str, Any]]:
+    return [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "endpoint-extractor",
+                  "messages": [{"role": "user", "content": f"t{i}" + (f" {marker}" if i == bad else "")}]}}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+# A null content is a chat completion's own shape (a tool call has one): the pass-through keeps it.
+BAD_COMPLETIONS = {name: answer for name, answer in BAD_2XX.items() if name != "null content"}
+
+
+@pytest.mark.parametrize("answer", BAD_COMPLETIONS.values(), ids=BAD_COMPLETIONS.keys())
+def test_openai_batch_malformed_2xx_is_a_failure_line_with_the_request_id(
+    answer: Any, tmp_path: Path
+) -> None:
+    inp, out = write_jsonl(tmp_path / "b.jsonl", openai_rows(4, bad=1)), tmp_path / "out.jsonl"
+    summary = run(BatchConfig(inp, out), Garbage(answer))
+    assert (summary.ok, summary.failed, summary.complete) == (3, 1, True)
+    line = {line["custom_id"]: line for line in read_out(out)}["c1"]
+    assert line["error"]["code"] == "invalid_output" and line["error"]["message"]
+    assert line["response"]["status_code"] == 200 and line["response"]["request_id"] == "req-bad"
+    again = run(BatchConfig(inp, out, retry_failed=True), Garbage(answer))
+    assert (again.failed, again.output_ok) == (1, 3)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "openai"])
+def test_an_odd_usage_block_does_not_crash_the_job(fmt: str, tmp_path: Path) -> None:
+    answer = {**completion(VALID), "usage": {"prompt_tokens": "many", "completion_tokens": [1]}}
+    rows = openai_rows(4, bad=1) if fmt == "openai" else [{"id": i, "text": f"t{i}" + (" BAD" if i == 1 else "")} for i in range(4)]  # fmt: skip
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    summary = run(BatchConfig(inp, out), Garbage(answer))
+    assert (summary.processed, summary.complete) == (4, True)
+    assert run(BatchConfig(inp, out, retry_failed=True), Garbage(answer)).complete
+
+
+def test_an_unexpected_exception_is_that_records_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = AsyncEndpointClient.extract
+
+    async def buggy(self: AsyncEndpointClient, text: str) -> Any:
+        if "BAD" in text:
+            raise KeyError("a bug in the client")
+        return await real(self, text)
+
+    monkeypatch.setattr(AsyncEndpointClient, "extract", buggy)
+    inp, out = six(tmp_path), tmp_path / "out.jsonl"
+    summary = run(BatchConfig(inp, out), FakeServer())
+    assert (summary.ok, summary.failed, summary.complete) == (5, 1, True)
+    [failed] = [line for line in read_out(out) if not line["ok"]]
+    assert failed["id"] == "r2" and "KeyError" in failed["error"]["message"]
+
+
+def test_failed_plain_lines_carry_the_request_id(tmp_path: Path) -> None:
+    inp, out = six(tmp_path, marker="FAIL"), tmp_path / "out.jsonl"
+    run(BatchConfig(inp, out), FakeServer())
+    [failed] = [line for line in read_out(out) if not line["ok"]]
+    assert failed["error"]["status_code"] == 400 and failed["error"]["request_id"] == "req-f"
+
+
+def test_openai_batch_failure_after_retries_carries_the_request_id(tmp_path: Path) -> None:
+    inp, out = write_jsonl(tmp_path / "b.jsonl", openai_rows(3, bad=0, marker="FAIL")), tmp_path / "out.jsonl"
+    summary = run(BatchConfig(inp, out), FakeServer(status=500), max_retries=1)
+    assert (summary.ok, summary.failed) == (2, 1)
+    line = {line["custom_id"]: line for line in read_out(out)}["c0"]
+    assert line["response"] == {
+        "status_code": 500, "request_id": "req-f", "body": {"error": {"message": "rejected by the fake"}}
+    }  # fmt: skip
+
+
+def test_one_record_behind_a_504_fails_alone(tmp_path: Path) -> None:
+    """A proxy's 504 for one slow record says nothing about the server: /models still answers."""
+    server = FakeServer(fail="BAD", status=504)
+    summary = run(BatchConfig(six(tmp_path), tmp_path / "out.jsonl"), server, max_retries=1)
+    assert (summary.ok, summary.failed, summary.complete) == (5, 1, True)
+
+
+def test_rate_limits_are_waited_out(tmp_path: Path) -> None:
+    limited: set[str] = set()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        text = request.content.decode()
+        if not request.url.path.endswith("/models") and text not in limited:
+            limited.add(text)
+            return httpx.Response(429, headers={"retry-after": "0", "x-request-id": "r"})
+        return FakeServer()(request)
+
+    summary = run(BatchConfig(six(tmp_path), tmp_path / "out.jsonl", concurrency=2), handler)
+    assert (summary.ok, summary.failed, summary.requests) == (6, 0, 6)
+
+
+class RateLimitsAfter(DiesAfter):
+    """Serves ``n`` extractions, then answers 429 to everything, /models included."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if len(self.sent) >= self.n:
+            return httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"message": "slow down"}})
+        return super().__call__(request)
+
+
+def test_a_server_that_rate_limits_everything_stops_the_job(twenty: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ServerUnavailableError):
+        run(BatchConfig(twenty, out, concurrency=1), RateLimitsAfter(5), max_retries=1)
+    assert [line["id"] for line in read_out(out)] == [f"r{i}" for i in range(5)]
+
+
+def test_a_key_rejected_mid_job_stops_the_job(twenty: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(AuthenticationError):
+        run(BatchConfig(twenty, out, concurrency=1), DiesAfter(4, 401))
+    assert [line["id"] for line in read_out(out)] == [f"r{i}" for i in range(4)]
+
+
+def behave_slow(marker: str, hang_after: int | None = None) -> Any:
+    """Local-server behaviour: texts holding ``marker`` never get an answer; after ``hang_after``
+    extractions, nothing does (the models list included)."""
+    served = 0
+
+    def behave(path: str, body: Any) -> Reply | str:
+        nonlocal served
+        if hang_after is not None and served >= hang_after:
+            return HANG
+        if path.endswith("/models"):
+            return Reply(body=MODELS)
+        if marker in body["messages"][-1]["content"]:
+            return HANG if marker == "SLOW" else CLOSE
+        served += 1
+        return Reply(body=completion(VALID))
+
+    return behave
+
+
+def run_local(config: BatchConfig, behave: Any, **client_kwargs: Any) -> Summary:
+    async def go(url: str) -> Summary:
+        async with AsyncEndpointClient(url, **client_kwargs) as client:
+            return await BatchJob(config).run(client)
+
+    with local_server(behave) as server:
+        return asyncio.run(go(server.base_url))
+
+
+@pytest.mark.parametrize("marker", ["SLOW", "CLOSE"])
+def test_a_record_that_times_out_or_drops_the_connection_fails_alone(marker: str, tmp_path: Path) -> None:
+    inp, out = six(tmp_path, marker=marker), tmp_path / "out.jsonl"
+    summary = run_local(BatchConfig(inp, out, concurrency=3), behave_slow(marker), timeout=0.5, max_retries=1)
+    assert (summary.ok, summary.failed, summary.complete) == (5, 1, True)
+    [failed] = [line for line in read_out(out) if not line["ok"]]
+    assert failed["id"] == "r2"
+
+
+def test_a_server_that_stops_answering_stops_the_job_and_a_rerun_goes_on(
+    twenty: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ServerUnavailableError):
+        run_local(BatchConfig(twenty, out, concurrency=1), behave_slow("NEVER", hang_after=4), timeout=0.3, max_retries=0)  # fmt: skip
+    assert [line["id"] for line in read_out(out)] == [f"r{i}" for i in range(4)]
+    summary = run(BatchConfig(twenty, out), FakeServer())
+    assert (summary.skipped, summary.ok, summary.complete) == (4, 16, True)
+
+
+def test_stale_compaction_files_are_removed_and_live_ones_kept(twenty: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    run(BatchConfig(twenty, out, limit=3), FakeServer())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".out.jsonl.{dead.pid}.compact"
+        alive = tmp_path / f".out.jsonl.{live.pid}.compact"
+        other = tmp_path / f".other.jsonl.{dead.pid}.compact"
+        for path in (stale, alive, other):
+            path.write_bytes(b'{"id": "r0", "ok": tr')
+        summary = run(BatchConfig(twenty, out), FakeServer())
+        assert summary.complete
+        assert not stale.exists() and alive.exists() and other.exists()
+    finally:
+        live.kill()
+        live.wait()

@@ -73,16 +73,20 @@ def test_4xx_is_rejected_at_once_with_server_message() -> None:
         make_client(lambda r: httpx.Response(401, json={"error": {"message": "no key"}})).extract("x")
 
 
-def test_truncation_is_retried_once_with_more_tokens_then_raised() -> None:
+def test_one_request_with_the_servers_cap_and_no_second_generation_on_truncation() -> None:
     budgets = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        budgets.append(json.loads(request.content)["max_tokens"])
+        budgets.append(json.loads(request.content).get("max_tokens"))
         return httpx.Response(200, json=completion('{"endpoints": [', "length"))
 
-    with pytest.raises(OutputTruncatedError) as err:
+    # No max_tokens sent: the server's cap is the budget (and vLLM fits it to a long prompt).
+    with pytest.raises(OutputTruncatedError, match="the server's max_tokens cap") as err:
+        make_client(handler).extract("x")
+    assert budgets == [None] and err.value.raw == '{"endpoints": [' and err.value.max_tokens is None
+    with pytest.raises(OutputTruncatedError, match="max_tokens=100"):
         make_client(handler, max_tokens=100).extract("x")
-    assert budgets == [100, 1024] and err.value.raw == '{"endpoints": ['
+    assert budgets == [None, 100]
 
 
 def test_invalid_output_carries_raw_text() -> None:
