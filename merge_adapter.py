@@ -25,9 +25,11 @@ import os
 import re
 import resource
 import shutil
+import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,23 @@ UNMERGEABLE_OPTIONS = {
     "invocation tokens, which no merge can reproduce",
     "use_qalora": "QALoRA (use_qalora=true): its pooled input is not W + BA",
     "monteclora_config": "MonteCLoRA: a sampled adapter, not one W + BA",
+}
+# PEFT's init_lora_weights values that leave the base weights as they are (B = 0 or A = 0 at the
+# start, or a random B A that training starts from): the saved adapter is a plain W + scale * B @ A.
+PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal", "mica"}
+# Inits that subtract their starting B @ A from the base (or quantize it) before training: the
+# adapter only fits that modified base, which --base is not, unless PEFT converted it when saving.
+CONVERT = (
+    "re-save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+    "adapter as initialised>), which turns it into a plain LoRA of rank 2r, and merge that"
+)
+BASE_CHANGING_INITS = {
+    "pissa": CONVERT,
+    "olora": CONVERT,
+    "corda": CONVERT,
+    "lora_ga": CONVERT,
+    "loftq": "LoftQ trains against its own quantized base, saved at initialisation; merge with PEFT "
+    "against that model instead",
 }
 
 # safetensors dtype -> (bytes per element, torch dtype)
@@ -168,23 +187,45 @@ def read_header(path: Path) -> tuple[dict[str, str], list[Entry]]:
             header = json.loads(f.read(length))
         except ValueError:
             raise MergeError(f"{path} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path} is not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     entries = []
     for name, info in header.items():
-        if info["dtype"] not in ST_DTYPES:
-            raise MergeError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, unknown to this merge")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - begin != math.prod(shape) * ST_DTYPES[info["dtype"]][0] or 8 + length + end > size:
+        try:
+            dtype, (begin, end), shape = (
+                info["dtype"],
+                info["data_offsets"],
+                tuple(int(d) for d in info["shape"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{path} is not a safetensors file (bad entry for {name!r})") from None
+        if dtype not in ST_DTYPES:
+            raise MergeError(f"{path.name}: tensor {name!r} has dtype {dtype}, unknown to this merge")
+        if end - begin != math.prod(shape) * ST_DTYPES[dtype][0] or 8 + length + end > size:
             raise MergeError(f"{path.name}: tensor {name!r} is truncated or corrupt")
-        entries.append(Entry(path, name, info["dtype"], shape, 8 + length + begin, end - begin))
+        entries.append(Entry(path, name, dtype, shape, 8 + length + begin, end - begin))
     return metadata, sorted(entries, key=lambda e: e.start)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line MergeError saying what is wrong with it."""
+    try:
+        document = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{what} {path} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise MergeError(f"{what} {path} is not a JSON object")
+    return document
 
 
 def weight_files(base: Path) -> list[Path]:
     index = base / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "base index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MergeError(f"base index {index} has no weight_map of tensor -> file names")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (base / n).exists()]
         if missing:
             raise MergeError(f"base {base} index names {missing[0]}, which is missing")
@@ -217,10 +258,46 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def _targeted(targets: str | list[str] | None, module: str) -> bool:
-    if isinstance(targets, str):  # PEFT: a string is a regex matched against the whole name
-        return re.fullmatch(targets, module) is not None
-    return not targets or any(module == t or module.endswith(f".{t}") for t in targets)
+def _names_module(spec: str | Sequence[str], module: str) -> bool:
+    """PEFT's rule for target_modules and exclude_modules: a string is a regex that must match the
+    whole module name; a list names modules by their full name or a dotted suffix of it."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return module in spec or any(module.endswith(f".{name}") for name in spec)
+
+
+def _targeted(config: Mapping[str, Any], module: str) -> bool:
+    """Whether PEFT would have put a LoRA on ``module`` (peft.tuners.tuners_utils.
+    check_target_module_exists): excluded modules never, then target_modules, then for a list of
+    targets layers_to_transform / layers_pattern on the module's layer index."""
+    excluded = config.get("exclude_modules")
+    if excluded and _names_module(excluded, module):
+        return False
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":  # every linear (the adapter holds only those)
+        return True
+    if isinstance(targets, str):
+        return _names_module(targets, module)
+    if module in targets:
+        return True
+    if not _names_module(targets, module):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = config.get("layers_pattern")
+    if not pattern:
+        # The first numbered segment (the layer index), as PEFT's lazy match finds it.
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for name in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", module)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
 
 
 def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
@@ -229,12 +306,13 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
     config_path = adapter / "adapter_config.json"
     if not config_path.exists():
         raise MergeError(f"adapter {adapter} has no adapter_config.json")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise MergeError(f"adapter peft_type {config.get('peft_type')!r} is not LORA")
     for option, why in UNMERGEABLE_OPTIONS.items():
         if config.get(option):
             raise MergeError(f"adapter uses {why}")
+    check_init(config.get("init_lora_weights", True))
     if config.get("fan_in_fan_out"):
         raise MergeError("adapter has fan_in_fan_out=true (Conv1D layout), which Gemma 4 never uses")
     if config.get("bias", "none") != "none":
@@ -245,6 +323,7 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
     if not weights.exists():
         raise MergeError(f"adapter {adapter} has no adapter_model.safetensors")
 
+    read_header(weights)  # a corrupt file is a one-line error here, not safetensors' exception
     halves: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
@@ -260,25 +339,54 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
     for module, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
             raise MergeError(f"adapter module {module!r} has lora_{''.join(ab)} but not its twin")
-        if not _targeted(targets, module):
-            raise MergeError(f"adapter module {module!r} is not among target_modules {targets}")
+        if not _targeted(config, module):
+            raise MergeError(
+                f"adapter module {module!r} is not one PEFT would target with target_modules={targets} "
+                f"(exclude_modules, layers_to_transform and layers_pattern applied)"
+            )
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise MergeError(
                 f"adapter module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not chain"
             )
         mod_rank = _pattern_value(config.get("rank_pattern") or {}, module, rank)
+        mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha)
+        for what, value in (("r", mod_rank), ("lora_alpha", mod_alpha)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise MergeError(f"adapter module {module!r}: {what}={value!r} is not a number")
+        if mod_rank <= 0:
+            raise MergeError(f"adapter module {module!r}: r={mod_rank!r} is not a positive rank")
         if a.shape[0] != mod_rank:
             raise MergeError(
                 f"adapter module {module!r} has rank {a.shape[0]} but its config says r={mod_rank} "
                 "(r / rank_pattern): the scale would be wrong"
             )
-        mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha)
         scale = mod_alpha / math.sqrt(mod_rank) if rslora else mod_alpha / mod_rank
         pairs[module] = LoraPair(module, a, b, float(scale))
     if not pairs:
         raise MergeError(f"adapter {adapter} holds no LoRA tensors")
     return config, pairs
+
+
+def check_init(init: Any) -> None:
+    """Refuse adapters whose init_lora_weights changed the base weights (PiSSA, OLoRA, CorDA,
+    LoRA-GA, LoftQ) and were saved without PEFT's conversion back to a plain LoRA; PEFT's
+    conversion writes init_lora_weights=true. Unknown values are refused too: new inits may be
+    base-changing ones."""
+    name = str(init).lower()
+    if name in PLAIN_INITS:
+        return
+    kind = "pissa" if name.startswith("pissa") else name
+    how = BASE_CHANGING_INITS.get(kind)
+    if how is None:
+        raise MergeError(
+            f"adapter init_lora_weights={init!r} is unknown to this merge, which only knows inits "
+            f"that leave the base as it is ({', '.join(sorted(PLAIN_INITS))})"
+        )
+    raise MergeError(
+        f"adapter init_lora_weights={init!r} changed the base weights before training, so it does "
+        f"not fit --base as saved: {how}"
+    )
 
 
 def plan_targets(pairs: dict[str, LoraPair], index: Mapping[str, Entry]) -> dict[str, LoraPair]:
@@ -634,15 +742,14 @@ def merge(
     verify: bool = False,
 ) -> Report:
     started = time.perf_counter()
-    output = output.resolve()
-    if output.exists() and not overwrite:
-        raise MergeError(f"output {output} exists; pass --overwrite to replace it")
+    output = check_output(output, overwrite, protected={"base": base, "adapter": adapter})
     if base_weights not in ("as-is", "nf4"):
         raise MergeError(f"--base-weights {base_weights!r}: expected 'as-is' or 'nf4'")
+    clean_stale(output)
     config_path = base / "config.json"
     if not config_path.exists():
         raise MergeError(f"base {base} has no config.json")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "base config")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise MergeError(f"base {base} is quantized ({method}); merge into the unquantized base")
@@ -685,8 +792,12 @@ def merge(
             report.skipped_tower_max_abs_b = max(report.skipped_tower_max_abs_b, float(pair.b.abs().max()))
     report.seconds["plan"] = round(time.perf_counter() - started, 3)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    created = make_parents(output.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+    except BaseException:
+        remove_created(created)
+        raise
     try:
         weight_map: dict[str, str] = {}
         nf4_errors: dict[str, float] = {}
@@ -715,7 +826,9 @@ def merge(
                 nf4_errors.update(write_shard(staging / file.name, items, metadata))
                 weight_map.update({item.name: file.name for item in items})
         if (base / "model.safetensors.index.json").exists():
-            base_meta = json.loads((base / "model.safetensors.index.json").read_text()).get("metadata") or {}
+            base_meta = read_json(base / "model.safetensors.index.json", "base index").get("metadata") or {}
+            if not isinstance(base_meta, dict):
+                base_meta = {}
             index_meta = {**base_meta, "total_size": total_bytes}
             if "total_parameters" in base_meta:
                 index_meta["total_parameters"] = total_params
@@ -743,15 +856,17 @@ def merge(
         report.peak_rss_mib = peak_rss_mib()
 
         if verify:
-            from verify_merge import verify as verify_logits  # noqa: PLC0415 - heavy, only with --verify
+            from verify_merge import verify as verify_merge  # noqa: PLC0415 - heavy, only with --verify
 
             target_dtype = ST_DTYPES[index[next(iter(all_targets))].dtype][1]
-            report.verification = verify_logits(
+            report.verification = verify_merge(
                 base,
                 staging,
                 all_targets,
                 compute_dtype=dtype or target_dtype,
                 nf4_weights={n: ST_DTYPES[index[n].dtype][1] for n in sorted(nf4_names)},
+                out_dtype=dtype,
+                text_only=text_only,
             )
             report.seconds["verify"] = report.verification["seconds"]
         report.seconds["total"] = round(time.perf_counter() - started, 3)
@@ -761,16 +876,91 @@ def merge(
         _replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_created(created)
         raise
     return report
 
 
+# ---------------------------------------------------------------------------------------------
+# The output: checked before any work, written beside itself, swapped in at the end
+
+
+def check_output(output: Path, overwrite: bool, protected: Mapping[str, Path]) -> Path:
+    """The absolute output path, or a one-line refusal: a parent that is not a directory, an
+    output that exists without --overwrite, or one whose replacement would delete the inputs or
+    the directory this runs in."""
+    output = output.expanduser().resolve()
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MergeError(f"output {output}: its parent {parent} is not a directory")
+            break
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise MergeError(f"output {output} exists; pass --overwrite to replace it")
+        for what, path in {**protected, "current directory": Path.cwd()}.items():
+            path = path.resolve()
+            if path == output or output in path.parents:
+                raise MergeError(f"output {output} holds the {what} ({path}); --overwrite would delete it")
+    return output
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(output: Path) -> None:
+    """Remove what killed runs left beside ``output``: staging directories
+    (``.NAME.partial-PID-*``) and, from a kill in the middle of a replacement, the previous output
+    (``.NAME.old-PID``), which is put back when ``output`` itself is missing. Only leftovers of
+    processes that no longer exist are touched, so a merge running now keeps its own."""
+    if not output.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-.*)?$")
+    for leftover in sorted(output.parent.iterdir()):
+        match = pattern.match(leftover.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not (output.exists() or output.is_symlink()):
+            leftover.rename(output)
+        else:
+            _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def make_parents(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (deepest last) so a failure can take them back."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_created(created: Sequence[Path]) -> None:
+    for directory in reversed(created):
+        try:
+            directory.rmdir()  # only while empty: never anything another process put there
+        except OSError:
+            break
+
+
 def _replace_dir(staging: Path, output: Path) -> None:
-    if output.exists():
+    if output.exists() or output.is_symlink():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
         staging.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         staging.rename(output)
 
@@ -807,24 +997,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that the staging directory is removed on the way out."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _error(message: str) -> None:
+    print(f"merge_adapter: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Only the main thread may set handlers; elsewhere SIGTERM keeps its default.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        base = resolve(args.base, "base", ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"])
-        adapter = resolve(args.adapter, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
-        report = merge(
-            base,
-            adapter,
-            args.output,
-            dtype_name=args.dtype,
-            text_only=args.text_only,
-            overwrite=args.overwrite,
-            base_weights=args.base_weights,
-            verify=args.verify,
-        )
+        return _main(args)
     except MergeError as exc:
-        print(f"merge_adapter: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        _error(str(exc))
         return 2
+    except OSError as exc:  # permissions, a full disk, a read-only file system...: one line too
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}; nothing was written")
+        return 1
+    except (KeyboardInterrupt, Terminated) as exc:
+        _error("interrupted; nothing was written")
+        return 128 + (exc.args[0] if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
+    base = resolve(args.base, "base", ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"])
+    adapter = resolve(args.adapter, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
+    report = merge(
+        base,
+        adapter,
+        args.output,
+        dtype_name=args.dtype,
+        text_only=args.text_only,
+        overwrite=args.overwrite,
+        base_weights=args.base_weights,
+        verify=args.verify,
+    )
     verified = f", verified: {report.verification['summary']}" if report.verification else ""
     print(
         f"merged {len(report.merged)} language-model and {len(report.merged_tower)} tower weights "
@@ -837,6 +1056,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Through the importable module, so that verify_merge raises the very MergeError caught here.
-    from merge_adapter import main as _main
+    from merge_adapter import main as _entry
 
-    sys.exit(_main())
+    sys.exit(_entry())

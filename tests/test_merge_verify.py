@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import merge_adapter
 from serve.demo_model import DemoPaths
+from tests.peft_oracle import load_base
 
 
 def _run(*args: str) -> int:
@@ -27,9 +29,11 @@ def test_verify_fp32_passes_and_is_recorded(
 ) -> None:
     out = tmp_path / "merged"
     assert _run(*_args(demo, out, "--dtype", "fp32", "--verify")) == 0
-    assert "verified: fp32 logits within" in capsys.readouterr().out
+    assert "verified: weights: 34 merged tensors equal" in (printed := capsys.readouterr().out)
+    assert "logits: fp32 logits within" in printed
     result = json.loads((out / "merge_report.json").read_text())["verification"]
     assert result["ok"] and result["within_fp32_tolerance"] and result["compute_dtype"] == "float32"
+    assert result["weights"]["ok"] and result["weights"]["merged_tensors"] == 34
     assert result["prompts"] == 3 and result["positions"] > 100
     assert result["max_abs_logit_diff"] < 1e-4
     # The adapter moves the logits far more than the tolerance, so agreement is not vacuous.
@@ -44,6 +48,128 @@ def test_verify_half_precision_reports_top1_and_kl(demo: DemoPaths, tmp_path: Pa
     assert result["ok"] and result["compute_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
     assert result["top1_agreement"] >= 0.95
     assert 0 <= result["kl_mean"] <= result["criteria"]["max_kl_mean"] < result["adapter_effect"]["kl_mean"]
+    weights = result["weights"]
+    assert weights["ok"] and weights["merged_tensors"] == 24 and weights["values_changed_by_delta"] > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted merge bugs: --verify must catch every one in the output dtype, whatever that is.
+
+
+def _planted(kind: str) -> Any:
+    """A merged_tensor with one bug. The merge hands it a block of rows of W and the same rows of
+    B; CHUNK_VALUES is raised in the tests so that a block is the whole weight (the transposed
+    delta needs all of B)."""
+    right = merge_adapter.merged_tensor
+    first_square = "model.language_model.layers.0.self_attn.q_proj"
+
+    def planted(weight: torch.Tensor, pair: merge_adapter.LoraPair, out: torch.dtype) -> torch.Tensor:
+        if kind in ("x0.95", "x1.05"):
+            factor = float(kind[1:])
+            return right(
+                weight, merge_adapter.LoraPair(pair.module, pair.a, pair.b, factor * pair.scale), out
+            )
+        if kind == "dropped" and pair.module == first_square:
+            return weight.to(out)
+        if kind == "transposed" and pair.module == first_square:
+            assert weight.shape[0] == weight.shape[1] == pair.b.shape[0]
+            delta = pair.scale * (pair.b.float() @ pair.a.float())
+            return (weight.float() + delta.T).to(out)
+        if kind == "delta-rounded":  # the delta rounded to the output dtype before the add
+            delta = (pair.scale * (pair.b.float() @ pair.a.float())).to(out)
+            return (weight.float() + delta.float()).to(out)
+        return right(weight, pair, out)
+
+    return planted
+
+
+PLANTED = ["x0.95", "x1.05", "dropped", "transposed", "delta-rounded"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("kind", PLANTED)
+def test_verify_catches_planted_merge_bugs_in_every_dtype(
+    demo: DemoPaths,
+    tmp_path: Path,
+    kind: str,
+    dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 5% scale error, one module left out, one delta transposed: the logits in bf16 cannot
+    tell these from rounding (a x0.75 scale passed them), the weights can."""
+    if kind == "delta-rounded" and dtype == "fp32":
+        pytest.skip("rounding the delta to fp32 is what a correct fp32 merge does")
+    monkeypatch.setattr(merge_adapter, "merged_tensor", _planted(kind))
+    monkeypatch.setattr(merge_adapter, "CHUNK_VALUES", 1 << 30)
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out, "--dtype", dtype, "--verify", "--text-only")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("merge_adapter: error: verification failed: weights WRONG"), (
+        err
+    )
+    if kind in ("dropped", "transposed"):
+        assert "1 of 24 merged tensors" in err[0] and "layers.0.self_attn.q_proj" in err[0], err
+    if kind.startswith("x"):
+        assert "24 of 24 merged tensors" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_weight_rule_is_exact_rounding_of_the_fp64_merge(demo: DemoPaths, tmp_path: Path) -> None:
+    """The bf16 merge equals round_to_bf16(fp64 W + fp64 scale * B @ A) but for values whose fp64
+    result lies within the fp32 error bound of a rounding midpoint, and there it is one of the two
+    neighbours; with the delta rounded to bf16 first, many values are not."""
+    import verify_merge
+
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out, "--dtype", "bf16", "--text-only")) == 0
+    merged = load_file(out / "model.safetensors")
+    base = load_file(demo.base / "model.safetensors")
+    _, pairs = merge_adapter.load_adapter(demo.adapter)
+    exact = differ = 0
+    for module, pair in pairs.items():
+        if "language_model" not in module:
+            continue
+        w = base[f"{module}.weight"].double()
+        reference = w + pair.scale * (pair.b.double() @ pair.a.double())
+        got = merged["model." + module.removeprefix("model.language_model.") + ".weight"]
+        differ += int((got != reference.to(torch.bfloat16)).sum())
+        exact += got.numel()
+        rounded_delta = w + (pair.scale * (pair.b.float() @ pair.a.float())).to(torch.bfloat16).double()
+        assert int((got != (rounded_delta.to(torch.bfloat16))).sum()) > 100, module
+    assert differ <= exact * 1e-4, (differ, exact)
+    result = verify_merge.check_weights(
+        demo.base,
+        out,
+        merge_adapter.plan_targets(pairs, merge_adapter.base_index([demo.base / "model.safetensors"])),
+        out_dtype=torch.bfloat16,
+        text_only=True,
+    )
+    assert result["ok"] and result["merged_tensors"] == 24, result["summary"]
+
+
+def test_verify_catches_a_changed_copy_and_an_extra_tensor(demo: DemoPaths, tmp_path: Path) -> None:
+    """Tensors the merge only copies must be the base's bit for bit; nothing may be added."""
+    from safetensors.torch import save_file
+
+    import verify_merge
+
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out, "--dtype", "bf16", "--text-only")) == 0
+    _, pairs = merge_adapter.load_adapter(demo.adapter)
+    targets = merge_adapter.plan_targets(pairs, merge_adapter.base_index([demo.base / "model.safetensors"]))
+    tensors = load_file(out / "model.safetensors")
+    norm = "model.layers.0.input_layernorm.weight"
+    tensors[norm] = tensors[norm].clone()
+    tensors[norm][0] += 1
+    tensors["model.extra"] = torch.zeros(2)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    result = verify_merge.check_weights(demo.base, out, targets, out_dtype=torch.bfloat16, text_only=True)
+    assert not result["ok"]
+    assert result["problems"] == [
+        f"{norm} is not the base's tensor, bit for bit",
+        "model.extra is not in the base",
+    ]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -100,8 +226,10 @@ def test_nf4_base_weights(demo: DemoPaths, tmp_path: Path) -> None:
     _, pairs = merge_adapter.load_adapter(demo.adapter)
     targets = merge_adapter.plan_targets(pairs, merge_adapter.base_index([demo.base / "model.safetensors"]))
 
-    # What a 4-bit load quantizes: the language model's linears, i.e. its 2-D weights that are
-    # not embeddings. Everything else stays as it was.
+    # What a 4-bit load quantizes: the language model's linears, i.e. the 2-D weights transformers
+    # loads (not the KV-shared layers' k/v, which it drops) that are not embeddings. Everything
+    # else stays as it was.
+    loaded = set(load_base(demo.base).state_dict())
     linears = {
         k
         for k, v in base.items()
@@ -109,6 +237,7 @@ def test_nf4_base_weights(demo: DemoPaths, tmp_path: Path) -> None:
         and v.ndim == 2
         and "embed" not in k
         and k.endswith(".weight")
+        and k in loaded
     }
     assert report["base_weights"] == "nf4" and report["nf4"]["tensors"] == len(linears) == 33
     assert 0.05 < report["nf4"]["weight_relative_error_mean"] < 0.15

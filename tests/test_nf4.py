@@ -149,8 +149,8 @@ def test_against_bitsandbytes_where_it_imports() -> None:
                 nf4_roundtrip(weight, double_quant=False), functional.dequantize_4bit(q, state)
             )
             # With double quantization, given the same absmaxes the NF4 part is identical. The 8-bit
-            # absmax codes are not compared: bitsandbytes' CPU search differs from its CUDA kernel
-            # (ported above), which is what QLoRA training ran.
+            # absmax codes are not compared here: bitsandbytes' CPU search differs from its CUDA
+            # kernel (ported above), which is what QLoRA training ran.
             q, state = functional.quantize_4bit(
                 weight, blocksize=64, compress_statistics=True, quant_type="nf4"
             )
@@ -158,6 +158,48 @@ def test_against_bitsandbytes_where_it_imports() -> None:
             index, _ = nf4_quantize(weight.reshape(-1).float())
             ours = (NF4_CODE[index] * absmax[:, None]).reshape(-1)[: weight.numel()].to(dtype).reshape(shape)
             assert torch.equal(ours, functional.dequantize_4bit(q, state))
+
+
+@pytest.mark.parametrize("shape", [(256, 512), (333, 77)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_double_quant_round_trip_equals_bitsandbytes_but_for_the_search(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """The whole double-quantized round trip against bitsandbytes' own (CPU backend): its mean
+    offset, its 256-value statistics blocks, its 8-bit map, its dequantization. bitsandbytes' CPU
+    code picks the nearest 8-bit code for each absmax, the CUDA search (what nf4_roundtrip ports)
+    now and then the one beside it; so every 64-value block must equal bitsandbytes' block with
+    that absmax code, or with the code one step away, and the latter stays rare."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 0.02).to(dtype)
+    q, state = functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    stats = state.state2
+    assert state.nested and stats.blocksize == 256
+    blocks = state.absmax.numel()
+    stats_absmax = stats.absmax.repeat_interleave(stats.blocksize)[:blocks]
+
+    def per_block(tensor: torch.Tensor) -> torch.Tensor:
+        flat = tensor.reshape(-1).float()
+        return torch.nn.functional.pad(flat, (0, -flat.numel() % 64)).view(-1, 64)
+
+    ours = per_block(nf4_roundtrip(weight))
+    matches = {}
+    for step in (0, -1, 1):
+        code = (state.absmax.long() + step).clamp(0, 255)
+        absmax = stats.code[code] * stats_absmax + state.offset
+        plain = functional.QuantState(
+            absmax=absmax.float(),
+            shape=weight.shape,
+            code=state.code,
+            blocksize=64,
+            quant_type="nf4",
+            dtype=dtype,
+        )
+        matches[step] = (per_block(functional.dequantize_4bit(q, plain)) == ours).all(1)
+    same = matches[0]
+    beside = (matches[-1] | matches[1]) & ~same
+    assert bool((same | beside).all()), f"{int((~(same | beside)).sum())} of {blocks} blocks differ"
+    assert int(beside.sum()) <= max(2, blocks // 100), f"{int(beside.sum())} of {blocks} blocks one code away"
 
 
 def test_round_trip_in_chunks_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
