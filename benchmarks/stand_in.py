@@ -1,11 +1,16 @@
 """An E4B-shaped stand-in for the real model, for GPU benchmarks where real weights cannot be fetched.
 
-    python benchmarks/stand_in.py OUT_DIR [--vocab 262144]
+    python benchmarks/stand_in.py OUT_DIR [--vocab 262144] [--text-only]
 
-Writes ``config.json`` (google/gemma-4-E4B-it's text model: 42 layers, hidden 2560, per-layer
-embeddings, 18 KV-shared layers, head_dim 256/512, vocab 262,144), ``generation_config.json`` and a
-byte-level BPE tokenizer with Gemma 4's turn tokens and the demo's chat template. Serve it with
-``--load-format dummy``: vLLM fills the weights with random numbers.
+Writes google/gemma-4-E4B-it's full layout: ``config.json`` is the checkpoint's (serve/gemma4_layout.py:
+``Gemma4ForConditionalGeneration``, text model of 42 layers, hidden 2560, per-layer embeddings, 18
+KV-shared layers, head_dim 256/512, vision and audio towers, 280 soft tokens per image), with
+``processor_config.json`` for vLLM's multimodal processor, ``generation_config.json`` and a byte-level
+BPE tokenizer with Gemma 4's turn and media tokens and the demo's chat template. ``--text-only``
+writes the language model alone (``Gemma4ForCausalLM``, what merge_adapter.py ``--text-only``
+writes; the layout of the 2026-11-25 H100 runs). Serve it with ``--load-format dummy``: vLLM fills
+the weights with random numbers, so the full layout exercises its multimodal loader and processor
+on the real config's shapes.
 
 The tokenizer is what makes the structured-output numbers realistic. A toy tokenizer of a few
 hundred entries makes grammar masks trivially cheap; this one has the real vocabulary size, is
@@ -24,51 +29,15 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.workload import CORPUS, GOLD, STYLES, load  # noqa: E402
-from serve.demo_model import train_gemma4_tokenizer  # noqa: E402
-
-E4B_TEXT_CONFIG: dict[str, object] = {
-    "architectures": ["Gemma4ForCausalLM"],
-    "model_type": "gemma4_text",
-    "vocab_size": 262144,
-    "hidden_size": 2560,
-    "intermediate_size": 10240,
-    "num_hidden_layers": 42,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 256,
-    "global_head_dim": 512,
-    "num_kv_shared_layers": 18,
-    "hidden_size_per_layer_input": 256,
-    "vocab_size_per_layer_input": 262144,
-    "use_double_wide_mlp": False,
-    "sliding_window": 512,
-    "rms_norm_eps": 1e-6,
-    "final_logit_softcapping": 30.0,
-    "attention_k_eq_v": False,
-    "enable_moe_block": False,
-    "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": True,
-    "attention_bias": False,
-    "rope_parameters": {
-        "full_attention": {
-            "rope_type": "proportional",
-            "rope_theta": 1000000.0,
-            "partial_rotary_factor": 0.25,
-        },
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-    },
-    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(42)],
-    "pad_token_id": 0,
-    "eos_token_id": [1, 6],
-    "bos_token_id": 2,
-    "torch_dtype": "bfloat16",
-}
+from merge_adapter import text_only_config  # noqa: E402
+from serve import gemma4_layout  # noqa: E402
+from serve.demo_model import media_token_ids, train_gemma4_tokenizer, write_processor_config  # noqa: E402
 
 _SYLLABLES = [
     c + v + e
@@ -123,16 +92,30 @@ def train_tokenizer(vocab_size: int, seed: int = 0):  # -> PreTrainedTokenizerFa
     return train_gemma4_tokenizer(_lines(seed), vocab_size)
 
 
-def write_stand_in(out: Path, vocab_size: int = 262144) -> Path:
+def stand_in_config(tokenizer: Any, vocab_size: int, *, text_only: bool = False) -> dict[str, Any]:
+    """The checkpoint's config.json with this tokenizer's token ids and vocabulary size."""
+    turn_end = int(tokenizer.convert_tokens_to_ids("<turn|>"))
+    text = {"vocab_size": vocab_size, "vocab_size_per_layer_input": vocab_size, "eos_token_id": [1, turn_end]}
+    config = gemma4_layout.scaled(
+        {**media_token_ids(tokenizer), "eos_token_id": [1, turn_end], "text_config": text}
+    )
+    return text_only_config(config, "bfloat16") if text_only else config
+
+
+def write_stand_in(out: Path, vocab_size: int = 262144, *, text_only: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
     if len(tokenizer) > vocab_size:
         raise SystemExit(f"stand_in: tokenizer has {len(tokenizer)} entries, more than vocab {vocab_size}")
-    config = {**E4B_TEXT_CONFIG, "vocab_size": vocab_size, "vocab_size_per_layer_input": vocab_size}
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    generation = {"bos_token_id": 2, "eos_token_id": [1, 6], "pad_token_id": 0}
+    config = stand_in_config(tokenizer, vocab_size, text_only=text_only)
+    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    turn_end = int(tokenizer.convert_tokens_to_ids("<turn|>"))
+    generation = {"bos_token_id": 2, "eos_token_id": [1, turn_end], "pad_token_id": 0}
     (out / "generation_config.json").write_text(json.dumps(generation) + "\n")
     tokenizer.save_pretrained(out)
+    if not text_only:
+        soft_tokens = config["vision_config"]["default_output_length"]
+        write_processor_config(out, soft_tokens=soft_tokens)
     return out
 
 
@@ -140,8 +123,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--vocab", type=int, default=262144)
+    parser.add_argument(
+        "--text-only",
+        action="store_true",
+        help="Gemma4ForCausalLM (language model only) instead of the full layout",
+    )
     args = parser.parse_args()
-    write_stand_in(args.out, args.vocab)
+    write_stand_in(args.out, args.vocab, text_only=args.text_only)
     tok_size = len(json.loads((args.out / "tokenizer.json").read_text())["model"]["vocab"])
     print(f"stand_in: wrote {args.out} (tokenizer: {tok_size} entries)")
     return 0

@@ -3,9 +3,10 @@
 Real weights cannot be downloaded everywhere this project runs (CI, offline machines), so the demo
 and the tests build a stand-in with the same structure as the real thing:
 
-* the base is ``Gemma4ForConditionalGeneration`` with text, vision and audio towers, per-layer
-  embeddings, a KV-shared layer and tied embeddings; tower projections are ``Gemma4ClippableLinear``
-  (weights at ``...q_proj.linear.weight``), exactly where the real checkpoint has them;
+* the base is ``Gemma4ForConditionalGeneration`` with the checkpoint's config keys and tensor names
+  as written down in serve/gemma4_layout.py (text, vision and audio towers, per-layer embeddings,
+  KV-shared layers that still carry k/v projections and k_norm, tied embeddings; tower projections
+  are ``Gemma4ClippableLinear``, weights at ``...q_proj.linear.weight``), at tiny sizes;
 * the tokenizer is a byte-level BPE trained on the fly with Gemma 4's turn tokens and a Gemma 4
   style chat template;
 * the adapter is in PEFT's on-disk format with the model card's settings (r=16, alpha=16, seven
@@ -22,12 +23,15 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from serve import gemma4_layout
 
 DEMO_SEED = 0
 LORA_RANK = 16
@@ -195,6 +199,11 @@ _CLOSER_BIAS = {
 }
 
 
+# Fewest vision tokens Gemma 4 allows per image (70, 140, 280, 560 or 1120): keeps the tiny vision
+# tower's patch grid inside its position table and vLLM's multimodal profiling quick.
+DEMO_SOFT_TOKENS = 70
+
+
 @dataclass(frozen=True)
 class DemoPaths:
     base: Path
@@ -280,32 +289,81 @@ def _plant_closing_bias(embed: torch.Tensor, tokenizer: object) -> None:
     assert embed.shape[0] >= len(vocab)
 
 
+def media_token_ids(tokenizer: object) -> dict[str, int]:
+    """The config's media token ids, read from ``tokenizer`` (Gemma4Processor finds them there too)."""
+    ids = {
+        "boi_token_id": "<|image>", "eoi_token_id": "<image|>", "image_token_id": "<|image|>",
+        "video_token_id": "<|video|>", "boa_token_id": "<|audio>", "eoa_token_id": "<audio|>",
+        "eoa_token_index": "<audio|>", "audio_token_id": "<|audio|>",
+    }  # fmt: skip
+    return {key: int(tokenizer.convert_tokens_to_ids(token)) for key, token in ids.items()}  # type: ignore[attr-defined]
+
+
+def demo_config(media_ids: Mapping[str, int], turn_end: int) -> dict[str, Any]:
+    """The demo's config.json: the checkpoint's keys and structure (serve/gemma4_layout.py), tiny sizes."""
+    return gemma4_layout.scaled(
+        {
+            **media_ids,
+            "eos_token_id": [1, turn_end],
+            "vision_soft_tokens_per_image": DEMO_SOFT_TOKENS,
+            "text_config": text_config(),
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "position_embedding_size": 64,
+                "default_output_length": DEMO_SOFT_TOKENS,
+            },
+            "audio_config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "subsampling_conv_channels": [8, 4],
+                "output_proj_dims": 32,
+            },
+        }  # fmt: skip
+    )
+
+
+def _kv_shared_tensors(config: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """k_proj, v_proj and k_norm of the KV-shared layers: the checkpoint ships them though
+    transformers builds no module for them (and vLLM 0.23 fails to load without k_norm)."""
+    text = config["text_config"]
+    gen = torch.Generator().manual_seed(seed + 2)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in gemma4_layout.kv_shared_layers(text):
+        full = text["layer_types"][i] == "full_attention"
+        head_dim = text["global_head_dim"] if full else text["head_dim"]
+        kv_width = text["num_key_value_heads"] * head_dim
+        prefix = f"{gemma4_layout.LM_PREFIX}layers.{i}.self_attn."
+        for proj in ("k_proj", "v_proj"):
+            tensors[f"{prefix}{proj}.weight"] = (
+                torch.randn(kv_width, text["hidden_size"], generator=gen) * 0.02
+            )
+        tensors[f"{prefix}k_norm.weight"] = 1.0 + 0.1 * torch.randn(head_dim, generator=gen)
+    return tensors
+
+
 def write_base(out: Path, seed: int = DEMO_SEED) -> Path:
-    """Write a random Gemma4ForConditionalGeneration checkpoint with tokenizer to ``out``."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, GenerationConfig
+    """Write a random Gemma4ForConditionalGeneration checkpoint with tokenizer to ``out``: the
+    real checkpoint's config keys and tensor names (serve/gemma4_layout.py), tiny sizes."""
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration, GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(seed)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Gemma4Config(
-        text_config=text_config(),
-        vision_config={
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
-            "position_embedding_size": 64, "use_clipped_linears": True,
-        },
-        audio_config={
-            "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "subsampling_conv_channels": [8, 4], "output_proj_dims": 32,
-        },
-        boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
-        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
-        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"],
-        audio_token_id=ids["<|audio|>"],
-        tie_word_embeddings=True,
-    )  # fmt: skip
+    turn_end = int(tokenizer.convert_tokens_to_ids("<turn|>"))
+    config = demo_config(media_token_ids(tokenizer), turn_end)
+    # Written by hand, not by save_pretrained: transformers >= 5.19 would write per_layer_config for
+    # global_head_dim and an "axial" vision rope, which transformers 5.14 (vLLM 0.23) misreads.
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    loaded = AutoConfig.from_pretrained(out)
+    for sub in (loaded, *(getattr(loaded, s) for s in gemma4_layout.SECTIONS)):
+        sub.dtype = None  # initialise in fp32 (towers would start in the config's bf16), cast below
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config).eval()
+    model = Gemma4ForConditionalGeneration(loaded).eval()
     with torch.no_grad():
         _plant_closing_bias(model.model.language_model.embed_tokens.weight, tokenizer)
         # Clip bounds are finite in the real checkpoint; make them so here, so a merge that drops
@@ -315,20 +373,23 @@ def write_base(out: Path, seed: int = DEMO_SEED) -> Path:
                 buf.fill_(-8.0)
             elif name.endswith(("input_max", "output_max")):
                 buf.fill_(8.0)
-    model.config.architectures = ["Gemma4ForConditionalGeneration"]
-    model.to(torch.bfloat16).save_pretrained(out)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    state |= _kv_shared_tensors(config, seed)
+    expected = gemma4_layout.full_tensors(config)
+    if set(state) != expected:
+        raise RuntimeError(
+            f"demo base differs from the checkpoint layout: missing {sorted(expected - set(state))[:5]}, "
+            f"extra {sorted(set(state) - expected)[:5]} (did transformers' Gemma 4 change?)"
+        )
+    bf16 = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in sorted(state.items())}
+    save_file(bf16, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     write_processor_config(out)
-    GenerationConfig(bos_token_id=2, eos_token_id=[1, ids["<turn|>"]], pad_token_id=0).save_pretrained(out)
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, turn_end], pad_token_id=0).save_pretrained(out)
     return out
 
 
-# Fewest vision tokens Gemma 4 allows per image (70, 140, 280, 560 or 1120): keeps the tiny vision
-# tower's patch grid inside its position table and vLLM's multimodal profiling quick.
-DEMO_SOFT_TOKENS = 70
-
-
-def write_processor_config(out: Path) -> Path:
+def write_processor_config(out: Path, soft_tokens: int = DEMO_SOFT_TOKENS) -> Path:
     """Write ``processor_config.json``: the audio, image and video processor settings that vLLM
     loads through transformers' Gemma4Processor to serve the full multimodal layout.
 
@@ -338,7 +399,7 @@ def write_processor_config(out: Path) -> Path:
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-    image = json.loads(Gemma4ImageProcessorPil(max_soft_tokens=DEMO_SOFT_TOKENS).to_json_string())
+    image = json.loads(Gemma4ImageProcessorPil(max_soft_tokens=soft_tokens).to_json_string())
     image["image_processor_type"] = "Gemma4ImageProcessor"
     video = {
         key: image[key]
@@ -350,11 +411,11 @@ def write_processor_config(out: Path) -> Path:
         "do_normalize": True,
         "num_frames": 32,
         "do_sample_frames": True,
-        "max_soft_tokens": DEMO_SOFT_TOKENS,
+        "max_soft_tokens": soft_tokens,
     }
     processor = {
         "processor_class": "Gemma4Processor",
-        "image_seq_length": DEMO_SOFT_TOKENS,
+        "image_seq_length": soft_tokens,
         "audio_seq_length": 750,
         "audio_ms_per_token": 40,
         "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
@@ -368,15 +429,22 @@ def write_processor_config(out: Path) -> Path:
 
 def _linear_shapes(base: Path) -> dict[str, tuple[int, int]]:
     """Module path -> (out, in) of every LoRA target in the base, named as PEFT would name it
-    after the model card's monkey-patch (tower ``...q_proj.linear`` becomes ``...q_proj``)."""
+    after the model card's monkey-patch (tower ``...q_proj.linear`` becomes ``...q_proj``). The
+    KV-shared layers' k/v projections are left out: no model builds them, so no adapter trains them."""
     from safetensors import safe_open
 
+    text = json.loads((base / "config.json").read_text())["text_config"]
+    unused = {
+        f"{gemma4_layout.LM_PREFIX}layers.{i}.{name}"
+        for i in gemma4_layout.kv_shared_layers(text)
+        for name in gemma4_layout.KV_SHARED_EXTRA
+    }
     shapes: dict[str, tuple[int, int]] = {}
     for file in sorted(base.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 parts = key.split(".")
-                if parts[-1] != "weight":
+                if parts[-1] != "weight" or key in unused:
                     continue
                 module = parts[:-2] if parts[-2] == "linear" else parts[:-1]
                 if module[-1] in TARGET_MODULES:
