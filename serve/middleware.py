@@ -5,10 +5,15 @@ and, for every request:
 
 * gives it an ``X-Request-Id`` when it has none, so the id vLLM echoes (``--enable-request-id-headers``)
   is also the one its engine and logs use, and logs one line per POST with that id;
-* refuses a missing or wrong API key (vLLM's ``VLLM_API_KEY``) before reading any body;
-* caps the body size, the time the body may take to arrive, and ``max_tokens``; refuses a
-  generation request whose body is not a JSON object of valid Unicode with a clear 400 (vLLM would
-  answer some of those with a 500); and applies the schema policy to generation requests.
+* with a key (vLLM's ``VLLM_API_KEY``), refuses every request without it, whatever its route,
+  method or scope type, but GET/HEAD on ``OPEN_PATHS``, before reading any body; closes the
+  admin, dev and docs routes (404) under every setting;
+* caps the body size, the time the body may take to arrive, each sequence's ``max_tokens`` and the
+  tokens one request may ask for in all (n x prompts x max_tokens); refuses a generation request
+  whose body is not a JSON object of valid Unicode, or whose counts are not whole numbers, with a
+  clear 400 (vLLM would answer some of those with a 500 or coerce them); and applies the schema
+  policy to generation requests: where the endpoint schema applies, only parameters that keep the
+  answer inside it are accepted.
 
 vLLM instantiates middleware without arguments, so the policy comes from ENDPOINT_* variables that
 ``python -m serve`` sets for the server process.
@@ -54,11 +59,69 @@ NON_GENERATING_PATHS = (
     "/v1/completions/derender",
     "/v1/messages/count_tokens",
 )
-# The prefixes vLLM's own API-key check guards (vllm/entrypoints/serve/middleware/authenticate.py).
-GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+# With a key set, these alone answer without it, and only to GET/HEAD: liveness and readiness
+# probes (Kubernetes, load balancers, SageMaker's /ping) and Prometheus scrapers carry no bearer
+# token. /health and /ping say only up or down. /metrics reveals load and usage, not content:
+# request counts and latencies, tokens processed, KV-cache use, the served model name and vLLM's
+# configuration labels; keep it off the public side of a proxy if that matters.
+OPEN_PATHS = ("/health", "/ping", "/metrics")
+OPEN_METHODS = ("GET", "HEAD")
 HEALTH_PATHS = ("/health", "/ping")
+# Routes a deployment of this extractor never needs, closed (404) whether or not a key is set: the
+# one key is shared by every client, so it cannot tell an operator from a client, and these act on
+# the server itself. Interactive API docs; elastic expert-parallel scaling (no MoE here); vLLM's
+# VLLM_SERVER_DEV_MODE routes (sleep, weights, collective RPC: arbitrary calls on the workers);
+# the RL weight-sync routes; the profiler; runtime LoRA loading from a server path (vLLM's and
+# SageMaker's); aborting other clients' requests by id; fault tolerance. Anything else, including
+# whatever a later vLLM adds, still needs the key.
+CLOSED_PATHS = frozenset({
+    "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+    "/scale_elastic_ep", "/is_scaling_elastic_ep",
+    "/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/collective_rpc",
+    "/server_info", "/sleep", "/wake_up", "/is_sleeping", "/release_kv_cache_memory",
+    "/pause", "/resume", "/abort_requests", "/is_paused", "/init_weight_transfer_engine",
+    "/shutdown_weight_transfer_engine", "/start_weight_update", "/start_draft_weight_update",
+    "/update_weights", "/finish_weight_update", "/update_weight_version", "/weight_info",
+    "/weight_checker", "/get_world_size", "/start_profile", "/stop_profile",
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/inference/v1/abort_requests",
+})  # fmt: skip
+CLOSED_PREFIXES = ("/static/", "/fault_tolerance/", "/adapters/")
 TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+COUNT_KEYS = (*TOKEN_LIMIT_KEYS, "n", "best_of")
+FORMAT_KEYS = ("response_format", "structured_outputs")
+# Where the endpoint schema applies, the only parameters accepted: each leaves vLLM's grammar in
+# force from the first generated token to the last and returns nothing but the generated text (and,
+# for logprobs, scores vLLM computes after the grammar mask: sample_tokens applies the bitmask to
+# the logits before the sampler computes logprobs, so every alternative outside the grammar has
+# -inf). Everything else is refused by name, new vLLM parameters included. Refused on purpose:
+# use_beam_search (vLLM drops the grammar for beam search), echo and prompt_logprobs (prompt text
+# and the unconstrained model's choices), suffix, stop* (cut the JSON), chat_template*,
+# reasoning_effort, continue_final_message/add_generation_prompt (the prompt's shape), logit_bias,
+# allowed_token_ids, bad_words, min_tokens, ignore_eos, vllm_xargs (custom logits processors run
+# after the mask), tools, kv_transfer_params, prompt_embeds, priority, cache_salt.
+COMMON_PARAMS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stream",
+    "stream_options", "user", "request_id", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logprobs", *FORMAT_KEYS,
+})  # fmt: skip
+ALLOWED_PARAMS = {
+    "chat": COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs"},
+    "completions": COMMON_PARAMS | {"prompt"},
+}
+# Values that change nothing (vLLM's defaults, and the client's own thinking-off), accepted for any
+# parameter so that SDKs which send defaults explicitly still work. Compared as JSON text, so `0`
+# is not `false`.
+NEUTRAL_VALUES = {
+    "echo": ("false",), "use_beam_search": ("false",), "add_generation_prompt": ("true",),
+    "continue_final_message": ("false",), "ignore_eos": ("false",), "include_stop_str_in_output": ("false",),
+    "skip_special_tokens": ("true",), "spaces_between_special_tokens": ("true",), "min_tokens": ("0",),
+    "stop": ("null", "[]"), "stop_token_ids": ("null", "[]"), "logit_bias": ("null", "{}"),
+    "bad_words": ("null", "[]"), "tools": ("null",), "tool_choice": ("null", '"none"'),
+    "prompt_logprobs": ("null",), "chat_template_kwargs": ("null", "{}", '{"enable_thinking": false}'),
+    "best_of": ("null", "1"), "length_penalty": ("1.0", "1"), "priority": ("0",),
+}  # fmt: skip
 REQUEST_ID_HEADER = b"x-request-id"
+UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 
 # A child of vLLM's logger, so its lines come out in vLLM's format (text, or JSON with
 # --log-format json, where the `extra` fields become keys).
@@ -87,23 +150,24 @@ def schema_response_format() -> dict[str, Any]:
 
 
 def _brings_format(body: dict[str, Any]) -> bool:
-    fmt = body.get("response_format")
-    return (fmt is not None) or body.get("structured_outputs") is not None
+    return any(body.get(key) is not None for key in FORMAT_KEYS)
 
 
 def _is_endpoint_format(body: dict[str, Any]) -> bool:
-    """Whether the format a request brings is exactly the endpoint schema (in either spelling)."""
+    """Whether the format a request brings is exactly the endpoint schema (in either spelling).
+    Any shape is judged, none raises: a malformed format is simply not the endpoint schema."""
     ours = endpoint_json_schema()
     fmt = body.get("response_format")
     if fmt is not None:
-        schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt, dict) else None
-        if fmt.get("type") != "json_schema" or schema != ours:
+        inner = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or schema != ours:
             return False
     so = body.get("structured_outputs")
     if so is not None:
-        if not isinstance(so, dict) or set(k for k, v in so.items() if v is not None) - {"json"}:
+        if not isinstance(so, dict) or {k for k, v in so.items() if v is not None} != {"json"}:
             return False
-        json_value = so.get("json")
+        json_value = so["json"]
         if isinstance(json_value, str):
             try:
                 json_value = json.loads(json_value)
@@ -125,11 +189,65 @@ def _kind(path: str, body: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_format_shapes(body: dict[str, Any]) -> None:
+    """Formats vLLM would answer with a 500 (or take apart in ways no one meant) get a 400 here."""
+    fmt, so = body.get("response_format"), body.get("structured_outputs")
+    if fmt is not None and not (isinstance(fmt, dict) and isinstance(fmt.get("type"), str)):
+        raise PolicyError(
+            400, 'response_format must be an object with a "type", such as "json_schema"', "response_format"
+        )
+    if (
+        isinstance(fmt, dict)
+        and fmt["type"] == "json_schema"
+        and not isinstance(fmt.get("json_schema"), dict)
+    ):
+        raise PolicyError(
+            400, 'response_format of type "json_schema" needs a "json_schema" object', "response_format"
+        )
+    if so is not None and not isinstance(so, dict):
+        raise PolicyError(400, "structured_outputs must be an object", "structured_outputs")
+
+
+def _whole(key: str, value: object) -> int | None:
+    """A count as vLLM should get it: a JSON integer or null. vLLM's pydantic models would take
+    1500.0, "1500" and true for 1500, 1500 and 1, past every check made here."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise PolicyError(400, f"{key} must be a whole number, not {json.dumps(value)[:40]}", key)
+
+
+def _prompts(body: dict[str, Any]) -> int:
+    """How many prompts a completions request holds: a string or a token list is one; a list of
+    strings or of token lists is one each (prompt_embeds likewise)."""
+    count = 0
+    for key in ("prompt", "prompt_embeds"):
+        value = body.get(key)
+        if isinstance(value, list) and not all(isinstance(v, int) for v in value):
+            count += len(value)
+        elif value is not None:
+            count += 1
+    return max(count, 1)
+
+
+def _refusal(param: str, mode: str) -> PolicyError:
+    why = (
+        "this server's schema policy is 'force'"
+        if mode == "force"
+        else "the endpoint schema applies to this request (send a format of your own to use it)"
+    )
+    return PolicyError(
+        400,
+        f"'{param}' is not accepted with the endpoint schema: it could return text outside it ({why})",
+        param,
+    )
+
+
 @dataclass(frozen=True)
 class Policy:
     mode: str = "default"
     model: str = "endpoint-extractor"
     max_tokens_cap: int = 1024
+    max_request_tokens: int = 4096
     max_body_bytes: int = 1_000_000
     body_timeout: float = 30.0
 
@@ -140,6 +258,7 @@ class Policy:
             mode=env.get("ENDPOINT_SCHEMA_POLICY", "default"),
             model=env.get("ENDPOINT_SERVED_MODEL_NAME", "endpoint-extractor"),
             max_tokens_cap=int(env.get("ENDPOINT_MAX_TOKENS_CAP", "1024")),
+            max_request_tokens=int(env.get("ENDPOINT_MAX_REQUEST_TOKENS", "4096")),
             max_body_bytes=int(env.get("ENDPOINT_MAX_BODY_BYTES", "1000000")),
             body_timeout=float(env.get("ENDPOINT_BODY_TIMEOUT", "30")),
         )
@@ -156,49 +275,83 @@ class Policy:
 
     def decide(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """The request as vLLM should see it and what the policy did (for the log)."""
-        self._check_token_limits(body)
+        self._check_counts(path, body)
         kind = _kind(path, body)
-        if self.mode == "off" or path in NON_GENERATING_PATHS:
-            return body, "none"
-        if self.mode == "force":
-            if kind is None:
+        if self.mode == "off" or path in NON_GENERATING_PATHS or kind is None:
+            if self.mode == "force" and path not in NON_GENERATING_PATHS:
                 raise PolicyError(
                     400, "this server's schema policy is 'force': send a chat or completions request"
                 )
-            if body.get("tools"):
-                raise PolicyError(
-                    400,
-                    "this server's schema policy is 'force': tools are not accepted, the answer is endpoint JSON",
-                    "tools",
-                )
+            return body, "none"
+        _check_format_shapes(body)
+        if self.mode == "force":
             if _brings_format(body) and not _is_endpoint_format(body):
+                param = "response_format" if body.get("response_format") is not None else "structured_outputs"
                 raise PolicyError(
                     400,
-                    "this server's schema policy is 'force': it returns endpoint JSON only; "
-                    "drop response_format/structured_outputs or send the endpoint schema",
-                    "response_format",
+                    f"'{param}' is not accepted: this server's schema policy is 'force', it returns "
+                    "endpoint JSON only; drop response_format/structured_outputs or send the endpoint schema",
+                    param,
                 )
-            body = {k: v for k, v in body.items() if k not in ("response_format", "structured_outputs")}
-            if kind == "completions":
-                return {**body, "structured_outputs": {"json": endpoint_json_schema()}}, "forced"
-            return {**body, "response_format": schema_response_format()}, "forced"
-        if _brings_format(body):
-            return body, "kept"
-        if kind == "chat" and (body.get("model") or self.model) == self.model:
-            return {**body, "response_format": schema_response_format()}, "injected"
-        return body, "none"
+            action = "forced"
+        elif _brings_format(body):
+            if not _is_endpoint_format(body):
+                return body, "kept"  # a format of the request's own: plain vLLM
+            action = "kept"
+        elif kind == "chat" and (body.get("model") or self.model) == self.model:
+            action = "injected"
+        else:
+            return body, "none"
+        self._check_params(kind, body)
+        # Rebuilt even when kept, so vLLM parses exactly the body judged here.
+        body = {k: v for k, v in body.items() if k not in FORMAT_KEYS}
+        if kind == "completions":
+            return {**body, "structured_outputs": {"json": endpoint_json_schema()}}, action
+        return {**body, "response_format": schema_response_format()}, action
 
-    def _check_token_limits(self, body: dict[str, Any]) -> None:
+    def _check_params(self, kind: str, body: dict[str, Any]) -> None:
+        allowed = ALLOWED_PARAMS[kind]
+        for key, value in body.items():
+            if key in allowed or json.dumps(value) in NEUTRAL_VALUES.get(key, ()):
+                continue
+            if kind == "chat" and key == "prompt":
+                # /invocations: vLLM would try it as a completion when chat validation fails.
+                raise PolicyError(400, "send either messages or prompt, not both", key)
+            raise _refusal(key, self.mode)
+
+    def _check_counts(self, path: str, body: dict[str, Any]) -> None:
+        """Whole numbers, each sequence under the cap, and the whole request within the budget."""
         sampling = body.get("sampling_params")  # /inference/v1/generate
-        for where in (body, sampling if isinstance(sampling, dict) else {}):
-            for key in TOKEN_LIMIT_KEYS:
-                value = where.get(key)
-                if isinstance(value, bool):  # pydantic would take `true` for 1
-                    raise PolicyError(400, f"{key} must be a whole number, not {json.dumps(value)}", key)
-                if isinstance(value, int) and value > self.max_tokens_cap:
-                    raise PolicyError(
-                        400, f"{key}={value} exceeds this server's cap of {self.max_tokens_cap}", key
-                    )
+        where = sampling if isinstance(sampling, dict) else body
+        counts = {key: _whole(key, where.get(key)) for key in COUNT_KEYS}
+        if where is not body:
+            for key in COUNT_KEYS:
+                _whole(key, body.get(key))
+        for key in TOKEN_LIMIT_KEYS:
+            value = counts[key]
+            if value is not None and value > self.max_tokens_cap:
+                raise PolicyError(
+                    400, f"{key}={value} exceeds this server's cap of {self.max_tokens_cap}", key
+                )
+        # vLLM reads one of the spellings (which, depends on the route): count the largest. None
+        # given, each sequence may run to the server's cap.
+        limits = [v for k in TOKEN_LIMIT_KEYS if (v := counts[k]) is not None]
+        per_sequence = max(limits, default=self.max_tokens_cap)
+        sequences = max(counts["n"] or 1, counts["best_of"] or 1)
+        prompts = 1
+        if path in (COMPLETIONS_PATH, SAGEMAKER_PATH) and "messages" not in body:
+            prompts = _prompts(body)
+        elif path == "/v1/chat/completions/batch" and isinstance(body.get("messages"), list):
+            prompts = max(len(body["messages"]), 1)
+        total = prompts * sequences * per_sequence
+        if total > self.max_request_tokens:
+            raise PolicyError(
+                400,
+                f"this request may generate {prompts} prompt(s) x n={sequences} x {per_sequence} tokens "
+                f"= {total} tokens, over this server's per-request budget of {self.max_request_tokens}; "
+                "lower n, max_tokens or the number of prompts",
+                "n" if sequences > 1 else "prompt" if prompts > 1 else "max_tokens",
+            )
 
 
 async def _reply_error(send: Send, status: int, message: str, param: str | None, request_id: str) -> None:
@@ -221,30 +374,66 @@ async def _reply_error(send: Send, status: int, message: str, param: str | None,
     await send({"type": "http.response.body", "body": payload})
 
 
+def route_path(scope: Scope) -> str:
+    """The path Starlette's router matches (``starlette._utils.get_route_path``, private there):
+    the request path less the root path (--root-path) when it starts with it. The guard judges
+    exactly what the router will route, so no spelling reaches a route the guard did not see."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
+
+
+def _closed(path: str) -> bool:
+    return path in CLOSED_PATHS or path.startswith(CLOSED_PREFIXES)
+
+
+def _api_key_digest() -> bytes | None:
+    key = os.environ.get("VLLM_API_KEY")
+    if key is None:
+        return None
+    if not key.strip():
+        # vLLM itself reads an empty VLLM_API_KEY as "no key": never switch the guard off that way.
+        raise RuntimeError("VLLM_API_KEY is set but empty; set a key or unset the variable")
+    return hashlib.sha256(key.encode()).digest()
+
+
 class SchemaPolicyMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.policy = Policy.from_env()
         self._drain_flag = os.environ.get("ENDPOINT_DRAIN_FLAG")
-        key = os.environ.get("VLLM_API_KEY")
-        self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
+        self._key_digest = _api_key_digest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             return await self.app(scope, receive, send)
         headers = list(scope.get("headers") or [])
+        path = route_path(scope)
+        if scope["type"] == "websocket":
+            if not self._authorized(path, "WEBSOCKET", headers) or _closed(path):
+                # Closing before accepting makes the server answer the handshake with a 403.
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, receive, send)
         request_id = dict(headers).get(REQUEST_ID_HEADER, b"").decode("latin-1")
         if not request_id:
             request_id = uuid.uuid4().hex
             headers.append((REQUEST_ID_HEADER, request_id.encode()))
         scope = {**scope, "headers": headers}
-        path = scope.get("path", "")
+        method = scope.get("method", "")
         # python -m serve got SIGTERM: vLLM finishes what it has and takes nothing new. Readiness
         # turns red, and new work gets a retryable 503 instead of vLLM's 500.
         draining = bool(self._drain_flag) and os.path.exists(self._drain_flag or "")
-        if draining and (path in HEALTH_PATHS or scope.get("method") == "POST"):
+        if draining and path in HEALTH_PATHS:
             return await _reply_error(send, 503, "server is shutting down; retry elsewhere", None, request_id)
-        if scope.get("method") != "POST":
+        if method != "POST":
+            if not self._authorized(path, method, headers):
+                return await _reply_error(send, 401, UNAUTHORIZED, None, request_id)
+            if _closed(path):
+                return await _reply_error(send, 404, f"{path} is not served here", None, request_id)
             return await self.app(scope, receive, send)
 
         started = time.perf_counter()
@@ -261,9 +450,14 @@ class SchemaPolicyMiddleware:
             await _reply_error(send_logged, error_status, message, param, request_id)
 
         try:
-            if not self._authorized(path, headers):
+            if not self._authorized(path, method, headers):
                 action = "rejected"
-                return await reply_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                return await reply_error(401, UNAUTHORIZED)
+            if _closed(path):
+                action = "rejected"
+                return await reply_error(404, f"{path} is not served here")
+            if draining:
+                return await reply_error(503, "server is shutting down; retry elsewhere")
             if not self.policy.route_open(path):
                 action = "rejected"
                 return await reply_error(403, f"{path} is closed: this server's schema policy is 'force'")
@@ -316,15 +510,18 @@ class SchemaPolicyMiddleware:
                 },
             )
 
-    def _authorized(self, path: str, headers: list[tuple[bytes, bytes]]) -> bool:
-        # vLLM checks the key too, but only after this middleware; checking here first means no
-        # body of an unauthenticated request is read or judged.
-        if self._key_digest is None or not path.startswith(GUARDED_PREFIXES):
+    def _authorized(self, path: str, method: str, headers: list[tuple[bytes, bytes]]) -> bool:
+        # Default-deny: every route, method and scope needs the key but GET/HEAD on OPEN_PATHS.
+        # vLLM checks the key too, but only after this middleware and only under /v1, /v2,
+        # /inference and /cohere; checking here first means no body of an unauthenticated
+        # request is read or judged.
+        if self._key_digest is None or (path in OPEN_PATHS and method in OPEN_METHODS):
             return True
-        scheme, _, token = dict(headers).get(b"authorization", b"").decode("latin-1").partition(" ")
+        value = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, token = value.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._key_digest)
+        return hmac.compare_digest(hashlib.sha256(token.encode("latin-1")).digest(), self._key_digest)
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes | None:
         """The whole body, or None when it is over the limit (by its declared length or as read).

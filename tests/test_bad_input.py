@@ -77,9 +77,11 @@ def post(
     return httpx.post(ctx.server.root_url + path, content=content, headers=headers, timeout=300)
 
 
-def refused(status: int, says: str, *, raw: bytes | None = None, body: Any = None) -> Callable[[Ctx], None]:
+def refused(
+    status: int, says: str, *, raw: bytes | None = None, body: Any = None, path: str = "/v1/chat/completions"
+) -> Callable[[Ctx], None]:
     def check(ctx: Ctx) -> None:
-        response = post(ctx, body, raw=raw)
+        response = post(ctx, body, raw=raw, path=path)
         assert response.status_code == status, response.text[:500]
         error = response.json()["error"]
         assert says.lower() in error["message"].lower(), error
@@ -292,8 +294,56 @@ CASES: list[Case] = [
          refused(400, "exceeds this server's cap", body=chat(max_tokens=10**9))),
     Case("max-tokens-boolean", "HTTP", "`max_tokens: true`", "400, `must be a whole number, not true`",
          refused(400, "must be a whole number", body=chat(max_tokens=True))),
-    Case("max-tokens-text", "HTTP", '`max_tokens: "many"`', "400 from vLLM",
-         refused(400, "max_tokens", body=chat(max_tokens="many"))),
+    Case("max-tokens-text", "HTTP", '`max_tokens: "many"`', '400, `max_tokens must be a whole number, not "many"`',
+         refused(400, 'max_tokens must be a whole number, not "many"', body=chat(max_tokens="many"))),
+    Case("max-tokens-float", "HTTP", "`max_tokens: 1500.0` (vLLM would take it for 1500)",
+         "400, `max_tokens must be a whole number, not 1500.0`",
+         refused(400, "max_tokens must be a whole number, not 1500.0", body=chat(max_tokens=1500.0))),
+    Case("max-tokens-numeric-text", "HTTP", '`max_completion_tokens: "1500"`',
+         '400, `max_completion_tokens must be a whole number, not "1500"`',
+         refused(400, 'max_completion_tokens must be a whole number, not "1500"',
+                 body=chat(max_completion_tokens="1500"))),
+    Case("n-float", "HTTP", "`n: 2.0`", "400, `n must be a whole number, not 2.0`",
+         refused(400, "n must be a whole number, not 2.0", body=chat(n=2.0))),
+    Case("n-budget", "HTTP", "`n: 8, max_tokens: 1024, temperature: 1` (8,192 tokens)",
+         "400, `... = 8192 tokens, over this server's per-request budget of 4096`",
+         refused(400, "= 8192 tokens, over this server's per-request budget of 4096", body=chat(n=8, max_tokens=1024, temperature=1.0))),
+    Case("n-budget-default-cap", "HTTP", "`n: 5` without `max_tokens` (the 1024 cap counts)",
+         "400, `... = 5120 tokens, over this server's per-request budget`",
+         refused(400, "= 5120 tokens, over this server's per-request budget",
+                 body={"model": MODEL, "messages": build_messages(TEXT), "n": 5, "temperature": 1.0})),
+    Case("streamed-n-2000", "HTTP", "`n: 2000, stream: true`", "400, over the per-request budget",
+         refused(400, "per-request budget", body=chat(n=2000, stream=True, max_tokens=16, temperature=1.0))),
+    Case("prompts-budget", "HTTP", "`POST /v1/completions` with 8 prompts, `max_tokens: 1024`",
+         "400, `8 prompt(s) x n=1 x 1024 tokens = 8192 tokens, over ... budget`",
+         refused(400, "8 prompt(s) x n=1 x 1024 tokens = 8192 tokens", path="/v1/completions",
+                 body={"model": MODEL, "prompt": [TEXT] * 8, "max_tokens": 1024})),
+    Case("beam-search", "HTTP", "`use_beam_search: true, n: 2` (vLLM drops the grammar for beam search)",
+         "400, `'use_beam_search' is not accepted with the endpoint schema`",
+         refused(400, "'use_beam_search' is not accepted with the endpoint schema",
+                 body=chat(use_beam_search=True, n=2, max_tokens=64))),
+    Case("beam-search-sagemaker", "HTTP", "the same through SageMaker's `POST /invocations`",
+         "400, `'use_beam_search' is not accepted`", refused(400, "'use_beam_search' is not accepted",
+         path="/invocations", body=chat(use_beam_search=True, n=2, max_tokens=64))),
+    Case("echo", "HTTP", "`echo: true` (the prompt would come back with the JSON)",
+         "400, `'echo' is not accepted with the endpoint schema`",
+         refused(400, "'echo' is not accepted with the endpoint schema", body=chat(echo=True))),
+    Case("prompt-logprobs", "HTTP", "`prompt_logprobs: 5` (the unconstrained model's choices)",
+         "400, `'prompt_logprobs' is not accepted`",
+         refused(400, "'prompt_logprobs' is not accepted", body=chat(prompt_logprobs=5))),
+    Case("thinking-on", "HTTP", '`chat_template_kwargs: {"enable_thinking": true}`',
+         "400, `'chat_template_kwargs' is not accepted`",
+         refused(400, "'chat_template_kwargs' is not accepted", body=chat(chat_template_kwargs={"enable_thinking": True}))),
+    Case("prefill", "HTTP", "`continue_final_message: true` with an assistant prefill",
+         "400, `'continue_final_message' is not accepted`",
+         refused(400, "'continue_final_message' is not accepted",
+                 body={**chat(), "messages": [*build_messages(TEXT), {"role": "assistant", "content": "Sure:"}],
+                       "continue_final_message": True, "add_generation_prompt": False})),
+    Case("legacy-guided", "HTTP", "`guided_regex` (a spelling vLLM 0.32 ignores) or any unknown parameter",
+         "400, `'guided_regex' is not accepted`",
+         refused(400, "'guided_regex' is not accepted", body=chat(guided_regex="a+"))),
+    Case("response-format-string", "HTTP", '`response_format: "x"`', "400 (not a 500)",
+         refused(400, "response_format", body=chat(response_format="x"))),
     Case("n-3", "HTTP", "`n: 3`", "200, three choices, each schema-valid", extracted(chat(n=3, temperature=1.0), 3)),
     Case("own-schema", "HTTP", "`response_format` with another JSON schema (policy `default`)",
          "200, the request's own schema is honoured", own_schema_kept),

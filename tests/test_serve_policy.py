@@ -233,6 +233,86 @@ def test_json_logs_carry_the_request_id(forced: ServerProcess) -> None:
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["schema_policy"] == "forced"
 
 
+# --- issue 12: every route behind the key, nothing escapes the schema ------------------------
+
+# The routes the issue found open without the key, and more of each kind.
+UNKEYED = [
+    ("POST", "/invocations", {"model": MODEL, "messages": [{"role": "user", "content": TEXT}]}),
+    ("POST", "/tokenize", {"model": MODEL, "prompt": TEXT}),
+    ("POST", "/detokenize", {"model": MODEL, "tokens": [1, 2]}),
+    ("POST", "/generative_scoring", {"model": MODEL}),
+    ("POST", "/scale_elastic_ep", {"new_data_parallel_size": 1}),
+    ("POST", "/is_scaling_elastic_ep", {}),
+    ("GET", "/load", None),
+    ("GET", "/version", None),
+    ("GET", "/openapi.json", None),
+    ("GET", "/docs", None),
+    ("GET", "/redoc", None),
+    ("OPTIONS", "/v1/models", None),
+    ("HEAD", "/v1/models", None),
+    ("POST", "/ping", {}),
+    ("GET", "//v1/models", None),
+    ("GET", "/v1/models/", None),
+]
+
+
+def test_every_route_needs_the_key_but_the_probes(forced: ServerProcess) -> None:
+    for method, path, body in UNKEYED:
+        response = httpx.request(method, forced.root_url + path, json=body, timeout=30)
+        assert response.status_code == 401, (method, path, response.status_code, response.text[:200])
+    for path in ("/health", "/ping", "/metrics"):
+        assert httpx.get(forced.root_url + path, timeout=30).status_code == 200, path
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for method, path in (("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/scale_elastic_ep")):
+        response = httpx.request(method, forced.root_url + path, json={}, headers=headers, timeout=30)
+        assert response.status_code == 404, (method, path)
+    assert httpx.get(forced.root_url + "/version", headers=headers, timeout=30).status_code == 200
+
+
+def test_force_refuses_every_parameter_that_escapes_the_schema(forced: ServerProcess) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat_body = {"model": MODEL, "messages": build_messages(TEXT), "max_tokens": 32}
+    for path, body, param in (
+        ("/v1/chat/completions", {**chat_body, "use_beam_search": True, "n": 2}, "use_beam_search"),
+        ("/invocations", {**chat_body, "use_beam_search": True, "n": 2}, "use_beam_search"),
+        ("/v1/completions", {"model": MODEL, "prompt": "Body height", "echo": True, "max_tokens": 8}, "echo"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "prompt_logprobs": 5, "max_tokens": 8}, "prompt_logprobs"),
+        ("/v1/chat/completions", {**chat_body, "chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+        ("/v1/chat/completions", {**chat_body, "logit_bias": {"1": 100}}, "logit_bias"),
+        ("/v1/chat/completions/batch", {**chat_body, "messages": [build_messages(TEXT)], "echo": True}, "echo"),
+    ):  # fmt: skip
+        response = httpx.post(forced.root_url + path, json=body, headers=headers, timeout=120)
+        assert response.status_code == 400, (path, param, response.text[:300])
+        assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    ["x", {"type": "json_schema", "json_schema": "x"}, ["json_schema"], {"type": "json_schema"}],
+    ids=repr,
+)
+def test_force_answers_a_malformed_response_format_with_a_400(
+    forced: ServerProcess, response_format: object
+) -> None:
+    body = {"model": MODEL, "messages": build_messages(TEXT), "response_format": response_format}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(f"{forced.base_url}/chat/completions", json=body, headers=headers, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_logprobs_under_force_only_show_what_the_grammar_allows(forced: ServerProcess) -> None:
+    """vLLM masks the logits with the grammar before it computes logprobs: at the first position,
+    only tokens that can begin compact endpoint JSON (`{`) have a finite logprob."""
+    sdk = OpenAI(base_url=forced.base_url, api_key=KEY, max_retries=0)
+    reply = sdk.chat.completions.create(
+        model=MODEL, messages=build_messages(TEXT), max_tokens=8, logprobs=True, top_logprobs=5
+    )
+    first = reply.choices[0].logprobs.content[0]  # type: ignore[union-attr,index]
+    assert first.token.startswith("{")
+    finite = [alt.token for alt in first.top_logprobs if alt.logprob > -9000]
+    assert finite and all(token.startswith("{") for token in finite), first.top_logprobs
+
+
 def test_engine_death_turns_health_red_and_ends_in_a_failure(forced: ServerProcess) -> None:
     """Last here: it ends the module's server. vLLM itself exits 0 when its engine dies."""
     assert forced.process is not None

@@ -4,6 +4,7 @@ policy's routes, and the start-up root-cause summary."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,64 @@ def test_data_parallel_flags_reach_vllm_unchanged(tmp_path: Path) -> None:
 def test_vllm_serve_only_flags_are_refused_not_ignored(flag: list[str]) -> None:
     with pytest.raises(LaunchError, match=r"is a `vllm serve` option"):
         check_passthrough(["-dp", "2", *flag])
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--api-key", ""], {}),
+        (["--api-key", "   "], {}),
+        (["--api-key", "a key"], {}),
+        ([], {"ENDPOINT_API_KEY": ""}),
+        ([], {"VLLM_API_KEY": ""}),
+        ([], {"VLLM_API_KEY": " \t"}),
+        ([], {"ENDPOINT_API_KEY": "\n"}),
+    ],
+)
+def test_an_empty_or_blank_key_is_a_one_line_start_up_error(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str]
+) -> None:
+    """vLLM reads an empty key as no key: auth would be off on 0.0.0.0 (issue 12, item 3)."""
+    for name in ("ENDPOINT_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--demo", "--host", "0.0.0.0", *argv])
+    message = str(exc.value)
+    assert message.startswith("serve: error: --api-key: ") and "\n" not in message
+    assert "empty" in message or "whitespace" in message
+
+
+def test_an_empty_key_exits_non_zero_from_the_command_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ENDPOINT_API_KEY", "VLLM_API_KEY")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve", "--demo", "--demo-dir", str(tmp_path), "--host", "0.0.0.0", "--api-key", ""],
+        capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("serve: error: --api-key: ")
+
+
+def test_the_middleware_refuses_an_empty_key_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.middleware import SchemaPolicyMiddleware
+
+    monkeypatch.setenv("VLLM_API_KEY", " ")
+    with pytest.raises(RuntimeError, match="empty"):
+        SchemaPolicyMiddleware(lambda scope, receive, send: None)  # type: ignore[arg-type,return-value]
+
+
+def test_request_budget_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, _ = parse_settings(["--demo", "--max-request-tokens", "2048"])
+    assert settings.max_request_tokens == 2048
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--demo", "--max-tokens-cap", "1024", "--max-request-tokens", "512"])
+    assert str(exc.value).startswith("serve: error: ") and "--max-request-tokens" in str(exc.value)
+    monkeypatch.setenv("ENDPOINT_MAX_REQUEST_TOKENS", "3000")
+    assert Policy.from_env().max_request_tokens == 3000
+
+
+@pytest.mark.xfail(strict=True, reason="serve/launcher.py server_env must export ENDPOINT_MAX_REQUEST_TOKENS")
+def test_the_request_budget_reaches_the_server() -> None:
+    settings, _ = parse_settings(["--demo", "--max-request-tokens", "2048"])
+    assert server_env(settings).get("ENDPOINT_MAX_REQUEST_TOKENS") == "2048"
