@@ -229,6 +229,25 @@ def _prompts(body: dict[str, Any]) -> int:
     return max(count, 1)
 
 
+def _check_text_only(path: str, messages: object) -> None:
+    """Message content must be text. A media part (image_url, audio_url, video_url, file, ...) would
+    have vLLM fetch a URL from inside the deployment's network, or decode a file, for an extractor
+    that reads text only. Shapes other than these are left for vLLM to refuse with its own 400."""
+    conversations = messages if path == "/v1/chat/completions/batch" else [messages]
+    for conversation in conversations if isinstance(conversations, list) else ():
+        for message in conversation if isinstance(conversation, list) else ():
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else ():
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise PolicyError(
+                        400,
+                        f"message content of type {json.dumps(kind)} is not accepted: this server "
+                        "extracts endpoints from text; send the text as a string or text parts",
+                        "messages",
+                    )
+
+
 def _refusal(param: str, mode: str) -> PolicyError:
     why = (
         "this server's schema policy is 'force'"
@@ -277,6 +296,8 @@ class Policy:
         """The request as vLLM should see it and what the policy did (for the log)."""
         self._check_counts(path, body)
         kind = _kind(path, body)
+        if self.mode != "off" and kind == "chat":
+            _check_text_only(path, body.get("messages"))
         if self.mode == "off" or path in NON_GENERATING_PATHS or kind is None:
             if self.mode == "force" and path not in NON_GENERATING_PATHS:
                 raise PolicyError(

@@ -426,3 +426,38 @@ def test_response_format_malformed_under_force_is_a_400() -> None:
         with pytest.raises(PolicyError) as err:
             Policy("force").apply(CHAT, {**BODY, "response_format": value})
         assert err.value.status == 400 and err.value.param == "response_format"
+
+
+MEDIA_PARTS = [
+    {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}},
+    {"type": "audio_url", "audio_url": {"url": "http://10.0.0.1/a.wav"}},
+    {"type": "video_url", "video_url": {"url": "file:///etc/passwd"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    {"type": "file", "file": {"file_data": "AAAA"}},
+    {"image_url": {"url": "http://example.invalid/x.png"}},  # no type: vLLM guesses image_url
+    "not a part",
+]
+
+
+@pytest.mark.parametrize("part", MEDIA_PARTS, ids=lambda p: str(p.get("type") if isinstance(p, dict) else p))
+@pytest.mark.parametrize("mode", ["default", "force"])
+def test_media_content_is_refused_so_the_server_fetches_nothing(part: Any, mode: str) -> None:
+    text = {"type": "text", "text": "Body height"}
+    messages = [{"role": "user", "content": [text, part]}]
+    for path, body in (
+        ("/v1/chat/completions", {"model": "endpoint-extractor", "messages": messages}),
+        ("/invocations", {"model": "endpoint-extractor", "messages": messages}),
+        ("/v1/chat/completions/batch", {"model": "endpoint-extractor", "messages": [messages]}),
+        # A request with a format of its own is plain vLLM under `default`, but still fetches nothing.
+        ("/v1/chat/completions", {"messages": messages, "response_format": {"type": "json_object"}}),
+    ):
+        with pytest.raises(PolicyError) as err:
+            Policy(mode=mode).decide(path, body)
+        assert err.value.status == 400 and err.value.param == "messages", path
+
+
+def test_text_parts_pass_and_off_is_plain_vllm() -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Body height"}]}]
+    assert Policy().decide("/v1/chat/completions", {"messages": messages})[1] == "injected"
+    media = [{"role": "user", "content": [MEDIA_PARTS[0]]}]
+    assert Policy(mode="off").decide("/v1/chat/completions", {"messages": media})[1] == "none"
