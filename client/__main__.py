@@ -190,20 +190,28 @@ def _timeout(seconds: float | None) -> httpx.Timeout:
     return httpx.Timeout(seconds, connect=min(seconds, DEFAULT_TIMEOUT.connect or seconds))
 
 
+def _error(message: object) -> None:
+    """One line on standard error, whatever the text it quotes holds."""
+    print("client: error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "batch":
         return _batch(args)
     try:
-        text = _extract_text(args)
-        with EndpointClient(
+        client = EndpointClient(
             args.base_url, api_key=args.api_key, model=args.model, timeout=_timeout(args.timeout)
-        ) as client:
+        )
+    except (ValueError, TypeError) as exc:  # --base-url, --api-key, --model or their ENDPOINT_*
+        _error(exc)
+        return 2
+    try:
+        text = _extract_text(args)
+        with client:
             print(client.extract(text).model_dump_json(indent=2))
     except EndpointError as exc:
-        print(
-            f"client: error: {type(exc).__name__}: {exc}{_timeout_hint(exc, args.timeout)}", file=sys.stderr
-        )
+        _error(f"{type(exc).__name__}: {exc}{_timeout_hint(exc, args.timeout)}")
         return 2 if isinstance(exc, InvalidInputError) else 1
     return 0
 
@@ -231,31 +239,37 @@ def _batch(args: argparse.Namespace) -> int:
         )
     )
 
-    async def run() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        async with AsyncEndpointClient(
+    try:
+        client = AsyncEndpointClient(
             args.base_url,
             api_key=args.api_key,
             model=args.model,
             timeout=_timeout(args.timeout),
             max_connections=args.concurrency,
-        ) as client:
+        )
+    except (ValueError, TypeError) as exc:  # --base-url, --api-key, --model or their ENDPOINT_*
+        _error(exc)
+        return 2
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        async with client:
             await job.run(client)
 
     try:
         asyncio.run(run())
     except BatchError as exc:
-        print(f"client: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except ServerUnavailableError as exc:
         job.summary.interrupted = True
-        print(f"client: error: {exc}{_timeout_hint(exc, args.timeout)}", file=sys.stderr)
+        _error(f"{exc}{_timeout_hint(exc, args.timeout)}")
         print(job.summary.describe() + "; run the same command again to go on", file=sys.stderr)
         return EX_TEMPFAIL
     except EndpointError as exc:  # the key was rejected, or the server answered nonsense
-        print(f"client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _error(f"{type(exc).__name__}: {exc}")
         if job.summary.total:  # it had started
             job.summary.interrupted = True
             print(job.summary.describe(), file=sys.stderr)

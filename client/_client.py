@@ -207,7 +207,7 @@ def _marks_down(exc: BaseException) -> bool:
         return exc.response.status_code in _DOWN_STATUS
     if isinstance(exc, httpx.TimeoutException):
         return isinstance(exc, httpx.ConnectTimeout)
-    return isinstance(exc, httpx.TransportError)  # refused, reset, disconnected
+    return isinstance(exc, httpx.TransportError) and not _local(exc)  # refused, reset, disconnected
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -238,15 +238,21 @@ def _base_urls(base_url: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _api_key(api_key: str | None) -> str | None:
+    name = "api_key"
     if api_key is None:
-        return os.environ.get(API_KEY_ENV) or None  # empty: unset, as a shell `X=` means
+        api_key = os.environ.get(API_KEY_ENV) or None  # empty: unset, as a shell `X=` means
+        if api_key is None:
+            return None
+        # Checked as an argument is: an unsendable key would otherwise fail inside the HTTP layer,
+        # whose error quotes the header, key and all.
+        name = API_KEY_ENV
     if not isinstance(api_key, str) or not api_key.strip():
         raise ValueError(
-            f"api_key must be a non-empty string; leave it out (and {API_KEY_ENV} unset) for none"
+            f"{name} must be a non-empty string; leave it out (and {API_KEY_ENV} unset) for none"
         )
     if not (api_key.isascii() and api_key.isprintable()) or api_key != api_key.strip():
         raise ValueError(
-            "api_key holds whitespace, control or non-ASCII characters: it cannot go in a header"
+            f"{name} holds whitespace, control or non-ASCII characters: it cannot go in a header"
         )
     return api_key
 
@@ -357,20 +363,27 @@ def _backoff(retry: int) -> float:
     return min(BACKOFF_INITIAL * 2.0 ** min(retry, 64), BACKOFF_MAX) * (1 - 0.25 * random.random())
 
 
+def _local(exc: BaseException) -> bool:
+    """A request this side could not send (an invalid header, a scheme httpx lacks): no server
+    was involved, and sending it again fails the same way."""
+    return isinstance(exc, httpx.LocalProtocolError | httpx.UnsupportedProtocol)
+
+
 def _should_retry(exc: BaseException, call: _Call, pool: _Pool) -> bool:
     if isinstance(exc, httpx.HTTPStatusError):
         headers = exc.response.headers
+        # The server knows best, either way (any casing: a server that says "True" means it).
+        flag = str(headers.get("x-should-retry", "")).strip().lower()
+        if flag in ("true", "false"):
+            retry: bool = flag == "true"
+        else:
+            status = exc.response.status_code
+            retry = status in RETRYABLE_STATUS or status >= 500
         hint = _retry_after(headers)
-        if hint is not None and hint > RETRY_AFTER_MAX:  # longer than a call waits: give it back
+        if retry and hint is not None and hint > RETRY_AFTER_MAX:  # longer than a call waits
             return pool.untried_up(call.tried)
-        flag = headers.get("x-should-retry")  # the server knows best, either way
-        if flag == "true":
-            return True
-        if flag == "false":
-            return False
-        status = exc.response.status_code
-        return status in RETRYABLE_STATUS or status >= 500
-    return isinstance(exc, httpx.TransportError)  # timeouts included
+        return retry
+    return isinstance(exc, httpx.TransportError) and not _local(exc)  # timeouts included
 
 
 class _Wait:
@@ -407,11 +420,18 @@ def _server_message(body: object, response: httpx.Response) -> str:
             body.get("message"),
             body.get("detail"),
         ):
-            if isinstance(found, str) and found:
-                return found
+            if isinstance(found, str) and found.strip():
+                return _one_line(found)
     if isinstance(body, str) and body.strip():
-        return " ".join(body.split())[:300]
+        return _one_line(body)
     return response.reason_phrase or f"HTTP {response.status_code}"
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """A server's text as one line of at most ``limit`` characters: it goes into error messages,
+    which callers log and the CLI prints as one line."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _tokens(usage: object) -> tuple[int, int] | None:
@@ -617,9 +637,23 @@ class _BaseClient:
         return response
 
     def _fail(self, exc: BaseException, call: _Call) -> EndpointError:
-        """The error a caller gets for the last attempt's failure (raised ``from`` it)."""
+        """The error a caller gets for the last attempt's failure (raised ``from`` it); its message
+        never holds the API key, whatever the text it was built from quoted."""
+        error = self._translate(exc, call)
+        key = self._options.api_key
+        if key and key in str(error):
+            error.args = (str(error).replace(key, "***"),)
+        return error
+
+    def _translate(self, exc: BaseException, call: _Call) -> EndpointError:
         if isinstance(exc, EndpointError):
             return exc
+        if _local(exc):
+            return InvalidInputError(f"the request cannot be sent: {type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.DecodingError):  # a body its Content-Encoding does not decode
+            return InvalidOutputError(
+                f"server answered with a body that cannot be decoded: {exc}", raw="", response=None
+            )
         servers = len(self._shared.pool.servers)
         n = call.attempts
         said, reached, lead = "server", "the server", ""

@@ -17,9 +17,10 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=120.0)
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 8.0
 # The longest wait a server may ask for (Retry-After as seconds or an HTTP date, or
-# retry-after-ms) that is honoured. A longer ask is not retried (as openai-python): the error comes
-# back at once, so a caller is never parked for minutes inside one call. A pool of servers still
-# fails over to a server this call has not tried.
+# retry-after-ms) that is honoured, as openai-python's. A longer ask is not retried (openai-python
+# retries it sooner, on its backoff, against the server's ask): the error comes back at once, so a
+# caller is never parked for minutes inside one call. A pool of servers still fails over to a
+# server this call has not tried.
 RETRY_AFTER_MAX = 60.0
 # Seconds a server that cannot be reached (or answers 502/503/504) sits out before it is tried
 # again: short, so a restarted server rejoins soon.

@@ -50,7 +50,7 @@ from typing import IO, Any, Literal
 
 from tqdm import tqdm
 
-from client._client import AsyncEndpointClient
+from client._client import AsyncEndpointClient, _unexpected
 from client._constants import (
     BATCH_FSYNC_INTERVAL,
     BATCH_MAX_CONCURRENCY,
@@ -254,9 +254,21 @@ def _openai_record(number: int, obj: dict[str, Any]) -> Record:
         problem = "'body' must be an object with 'messages'"
     elif body.get("stream"):
         problem = "streaming requests cannot be batched"
+    elif not _sendable(body):
+        problem = "'body' holds NaN, Infinity or a lone surrogate: it cannot be sent as JSON"
     else:
         return Record(number, custom_id, body=body)
     return Record(number, custom_id, problem=f"line {number}: {problem}")
+
+
+def _sendable(body: dict[str, Any]) -> bool:
+    """Whether httpx can send ``body`` as JSON: Python's decoder takes what its encoder (strict, as
+    httpx uses it) refuses."""
+    try:
+        json.dumps(body, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
 
 
 def _json_records(path: Path, fmt: InputFormat, id_field: str, text_field: str) -> Iterator[Record]:
@@ -534,14 +546,6 @@ def _error_json(exc: EndpointError) -> dict[str, Any]:
 
 def _error_code(exc: EndpointError) -> str:
     return next((_ERROR_CODES[cls] for cls in type(exc).__mro__ if cls in _ERROR_CODES), "error")
-
-
-def _unexpected(exc: Exception) -> EndpointError:
-    """A record's exception from outside the hierarchy (a bug, or an answer nobody foresaw) as the
-    record's failure."""
-    error = EndpointError(f"unexpected {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
 
 
 class BatchJob:

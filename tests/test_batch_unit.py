@@ -686,3 +686,27 @@ def test_stale_compaction_files_are_removed_and_live_ones_kept(twenty: Path, tmp
     finally:
         live.kill()
         live.wait()
+
+
+def test_an_openai_body_that_cannot_be_sent_as_json_fails_alone_as_a_bad_line(tmp_path: Path) -> None:
+    """Python's JSON reader takes NaN, Infinity and lone surrogates; httpx's strict writer does not.
+    They used to fail inside the send as 'unexpected ValueError/UnicodeEncodeError' (code 'error')."""
+    row = {"custom_id": "", "method": "POST", "url": "/v1/chat/completions"}
+    rows: list[Any] = [
+        b'{"custom_id": "nan", "method": "POST", "url": "/v1/chat/completions", '
+        b'"body": {"messages": [], "temperature": NaN}}',
+        b'{"custom_id": "inf", "method": "POST", "url": "/v1/chat/completions", '
+        b'"body": {"messages": [], "top_p": -Infinity}}',
+        b'{"custom_id": "sur", "method": "POST", "url": "/v1/chat/completions", '
+        b'"body": {"messages": [{"role": "user", "content": "\\ud800"}]}}',
+        {**row, "custom_id": "fine", "body": {"messages": [{"role": "user", "content": "x"}]}},
+    ]
+    inp = write_jsonl(tmp_path / "batch.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    server = FakeServer()
+    summary = run(BatchConfig(inp, out), server)
+    assert (summary.ok, summary.failed, summary.requests) == (1, 3, 1)
+    by_id = {line["custom_id"]: line for line in read_out(out)}
+    for bad in ("nan", "inf", "sur"):
+        assert by_id[bad]["error"]["code"] == "invalid_request", by_id[bad]
+        assert "cannot be sent as JSON" in by_id[bad]["error"]["message"]

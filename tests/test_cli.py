@@ -231,3 +231,48 @@ def test_batch_exits_75_when_the_server_stops_answering(
     err = capsys.readouterr().err
     assert "run the same command again to go on" in err
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--base-url", "ftp://x/v1"], {}, "not an http:// or https:// URL"),
+        (["--base-url", "http://a/v1", "--base-url", "http://a/v1"], {}, "lists a server twice"),
+        (["--api-key", ""], {}, "api_key must be a non-empty string"),
+        (["--api-key", "sk-sécret"], {}, "api_key holds whitespace"),
+        (["--model", " "], {}, "model must be a non-empty string"),
+        ([], {"ENDPOINT_BASE_URL": "garbage"}, "not an http:// or https:// URL"),
+        ([], {"ENDPOINT_API_KEY": "sk-secret\r"}, "ENDPOINT_API_KEY holds whitespace"),
+    ],
+    ids=["scheme", "twice", "empty-key", "non-ascii-key", "blank-model", "env-url", "env-key"],
+)
+@pytest.mark.parametrize("command", ["extract", "batch"])
+def test_bad_client_options_are_a_one_line_error_and_exit_2(
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """They used to end in a ValueError traceback and exit 1, in both commands."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "text": "x"}\n')
+    tail = ["extract", "Body height"] if command == "extract" else ["batch", str(inp), str(tmp_path / "o")]
+    assert cli([*argv, *tail]) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err) and message in err and "Traceback" not in err, err
+    assert "secret" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_servers_multi_line_message_is_printed_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def behave(path: str, body: Any) -> Reply:
+        return Reply(400, {"error": {"message": "bad request:\n  field x\n  field y"}})
+
+    with local_server(behave) as server:
+        assert cli(["--base-url", server.base_url, "extract", "Body height"]) == 1
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "bad request: field x field y" in err, err

@@ -687,3 +687,108 @@ def test_async_one_request_with_the_servers_cap() -> None:
 
     asyncio.run(run())
     assert budgets == [None]
+
+
+# -- review: keys, retry decisions and messages under odd answers --------------------------------
+
+
+@pytest.mark.parametrize("key", ["sk-secret\n", "sk-sec\rret", " sk-secret", "sk-sécret", "   "])
+def test_an_unsendable_key_from_the_environment_is_refused_without_quoting_it(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to go out as is: h11 refused the header with an error that quoted it, the client
+    took that for an unreachable server (retried, cool-down) and printed the key in the message."""
+    from tests.local_server import MODELS, Reply, local_server
+
+    monkeypatch.setenv("ENDPOINT_API_KEY", key)
+    with local_server(lambda path, body: Reply(body=MODELS)) as server:
+        for make in (EndpointClient, AsyncEndpointClient):
+            with pytest.raises(ValueError, match="ENDPOINT_API_KEY") as err:
+                make(server.base_url, max_retries=1).close()  # type: ignore[operator]
+            assert "sec" not in str(err.value)
+        assert server.requests == []
+
+
+def test_a_request_that_cannot_be_sent_is_not_retried_and_never_quotes_the_key(
+    sleeps: list[float],
+) -> None:
+    """Whatever slips past the checks (here a header of the caller's own http_client) fails at once
+    as InvalidInputError: nothing reached a server, so nothing is retried or cooled down."""
+    from tests.local_server import MODELS, Reply, local_server
+
+    with local_server(lambda path, body: Reply(body=MODELS)) as server:
+        http = httpx.Client(headers={"x-bad": "sk-secret\n"})
+        with (
+            EndpointClient(server.base_url, api_key="sk-secret", http_client=http) as client,
+            pytest.raises(InvalidInputError, match="cannot be sent") as err,
+        ):
+            client.served_models()
+        assert "sk-secret" not in str(err.value) and "***" in str(err.value)
+        assert server.requests == [] and sleeps == []
+        assert client._pool.servers[0].down_until == 0.0
+
+
+def test_a_long_retry_after_never_makes_a_non_retryable_answer_retried() -> None:
+    """A 400 (or x-should-retry: false) with a long Retry-After went to the next server of a pool."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if len(seen) == 1:
+            return httpx.Response(400, json={"error": {"message": "bad"}}, headers={"retry-after": "3600"})
+        return httpx.Response(503, headers={"retry-after": "3600", "x-should-retry": "false"})
+
+    transport = httpx.MockTransport(handler)
+    with EndpointClient(["http://a/v1", "http://b/v1"], transport=transport) as client:
+        with pytest.raises(RequestRejectedError):
+            client.extract("Body height")
+        assert len(seen) == 1
+        with pytest.raises(ServerUnavailableError):
+            client.extract("Body height")
+        assert len(seen) == 2
+
+
+@pytest.mark.parametrize("flag", ["True", "TRUE", " true "])
+def test_x_should_retry_in_any_casing(flag: str, sleeps: list[float]) -> None:
+    script = Script(httpx.Response(400, headers={"x-should-retry": flag}, json={}))
+    assert sync(script).extract("Body height").endpoints
+    assert len(script.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"message": "first line\nsecond line\r\n\tthird " + "x" * 5000}},
+        {"detail": "a\nb " + "y" * 5000},
+        "plain\ntext " + "z" * 5000,
+    ],
+    ids=["error.message", "detail", "text"],
+)
+def test_a_servers_message_is_one_bounded_line_and_the_body_is_kept(body: object) -> None:
+    response = httpx.Response(400, json=body) if not isinstance(body, str) else httpx.Response(400, text=body)
+    with pytest.raises(RequestRejectedError) as err:
+        sync(Script(response)).extract("Body height")
+    message = str(err.value)
+    assert "\n" not in message and "\r" not in message and "\t" not in message
+    assert len(message) <= 600 and message.endswith("…")
+    assert err.value.body == body  # all of it, as the server sent it
+
+
+def test_a_body_that_cannot_be_decoded_is_invalid_output() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        stream = httpx.ByteStream(b"not gzip at all")
+        return httpx.Response(200, stream=stream, headers={"content-encoding": "gzip"})
+
+    with pytest.raises(InvalidOutputError, match="cannot be decoded"):
+        sync(broken, max_retries=0).extract("Body height")
+
+
+def test_the_client_imports_no_server_side_package() -> None:
+    """A client-only install has pydantic, httpx, tenacity and tqdm; nothing else may be pulled in."""
+    code = (
+        "import sys, client, client.batch, client.__main__; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'torch', 'serve', 'openai', "
+        "'transformers', 'benchmarks', 'tests'}); print(','.join(bad))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip() == ""
