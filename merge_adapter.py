@@ -18,20 +18,22 @@ next to ``--output`` and renamed into place only when complete (and verified).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,6 +60,10 @@ UNMERGEABLE_OPTIONS = {
     "invocation tokens, which no merge can reproduce",
     "use_qalora": "QALoRA (use_qalora=true): its pooled input is not W + BA",
     "monteclora_config": "MonteCLoRA: a sampled adapter, not one W + BA",
+    "kasa_config": "KaSA (kasa_config): it truncated the base weights' singular values before training "
+    "and scales B @ A by a learnt diagonal",
+    "use_bdlora": "BD-LoRA (use_bdlora): its block-diagonal A or B is stored in blocks, not as W + BA's factors",
+    "arrow_config": "Arrow (arrow_config): it routes each token among several LoRA experts",
 }
 # PEFT's init_lora_weights values that leave the base weights as they are (B = 0 or A = 0 at the
 # start, or a random B A that training starts from): the saved adapter is a plain W + scale * B @ A.
@@ -330,7 +336,12 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
             match = ADAPTER_KEY.match(key)
             if match is None:
                 raise MergeError(f"adapter tensor {key!r} is not a LoRA A/B weight; cannot merge it")
-            halves.setdefault(match["module"], {})[match["ab"]] = f.get_tensor(key)
+            half = halves.setdefault(match["module"], {})
+            if match["ab"] in half:  # two adapters in one file (lora_A.x and lora_A.y): which one?
+                raise MergeError(
+                    f"adapter holds lora_{match['ab']} of {match['module']!r} twice (last: {key!r})"
+                )
+            half[match["ab"]] = f.get_tensor(key)
 
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     rslora = bool(config.get("use_rslora", False))
@@ -555,10 +566,11 @@ def lm_linear_weights(base: Path, index: Mapping[str, Entry]) -> list[str]:
 
 def merged_tensor(weight: torch.Tensor, pair: LoraPair, dtype: torch.dtype) -> torch.Tensor:
     """W + scale * B @ A in fp32, rounded once to ``dtype``. ``weight`` may be a block of rows,
-    with ``pair.b`` the same rows of B."""
-    merged = weight.to(torch.float32, copy=True)
-    merged.addmm_(pair.b.to(torch.float32), pair.a.to(torch.float32), alpha=pair.scale)
-    return merged.to(dtype).contiguous()
+    with ``pair.b`` the same rows of B. The delta is formed first and W added to it last, so that
+    W takes one rounding: verify_merge's WEIGHT_RULE proves its bound for exactly this order (a
+    fused addmm may add W into a partial sum more than once)."""
+    delta = torch.mm(pair.b.to(torch.float32), pair.a.to(torch.float32)).mul_(pair.scale)
+    return delta.add_(weight).to(dtype).contiguous()
 
 
 def is_language_model(key: str) -> bool:
@@ -742,10 +754,12 @@ def merge(
     verify: bool = False,
 ) -> Report:
     started = time.perf_counter()
-    output = check_output(output, overwrite, protected={"base": base, "adapter": adapter})
+    output = output.expanduser().resolve()
+    # First, so that a previous output a killed run had moved aside is back before the check.
+    clean_stale(output)
+    check_output(output, overwrite, protected={"base": base, "adapter": adapter})
     if base_weights not in ("as-is", "nf4"):
         raise MergeError(f"--base-weights {base_weights!r}: expected 'as-is' or 'nf4'")
-    clean_stale(output)
     config_path = base / "config.json"
     if not config_path.exists():
         raise MergeError(f"base {base} has no config.json")
@@ -794,7 +808,7 @@ def merge(
 
     created = make_parents(output.parent)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+        staging, lock = make_staging(output)
     except BaseException:
         remove_created(created)
         raise
@@ -878,6 +892,8 @@ def merge(
         shutil.rmtree(staging, ignore_errors=True)
         remove_created(created)
         raise
+    finally:
+        os.close(lock)
     return report
 
 
@@ -885,11 +901,10 @@ def merge(
 # The output: checked before any work, written beside itself, swapped in at the end
 
 
-def check_output(output: Path, overwrite: bool, protected: Mapping[str, Path]) -> Path:
-    """The absolute output path, or a one-line refusal: a parent that is not a directory, an
+def check_output(output: Path, overwrite: bool, protected: Mapping[str, Path]) -> None:
+    """A one-line refusal of the (absolute) output path: a parent that is not a directory, an
     output that exists without --overwrite, or one whose replacement would delete the inputs or
     the directory this runs in."""
-    output = output.expanduser().resolve()
     for parent in output.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -902,7 +917,6 @@ def check_output(output: Path, overwrite: bool, protected: Mapping[str, Path]) -
             path = path.resolve()
             if path == output or output in path.parents:
                 raise MergeError(f"output {output} holds the {what} ({path}); --overwrite would delete it")
-    return output
 
 
 def _pid_alive(pid: int) -> bool:
@@ -915,22 +929,67 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _locked(path: Path) -> bool:
+    """Whether a live merge holds ``path``: its staging directory, or the output that became.
+    A flock outlives no process, and is seen from any PID namespace that shares the file system."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # and with it the probe's own lock
+    return False
+
+
+def make_staging(output: Path) -> tuple[Path, int]:
+    """The staging directory ``.NAME.partial-PID-XXXXXXXX`` beside ``output``, and a descriptor
+    holding its flock until the merge ends (see clean_stale)."""
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    staging.mkdir()
+    try:
+        lock = os.open(staging, os.O_RDONLY)
+    except BaseException:
+        staging.rmdir()
+        raise
+    fcntl.flock(lock, fcntl.LOCK_EX)  # cannot block: the directory is new
+    return staging, lock
+
+
 def clean_stale(output: Path) -> None:
     """Remove what killed runs left beside ``output``: staging directories
-    (``.NAME.partial-PID-*``) and, from a kill in the middle of a replacement, the previous output
-    (``.NAME.old-PID``), which is put back when ``output`` itself is missing. Only leftovers of
-    processes that no longer exist are touched, so a merge running now keeps its own."""
+    (``.NAME.partial-PID-XXXXXXXX``, hex) and, from a kill in the middle of a replacement, the
+    previous output (``.NAME.old-PID``), which is put back when ``output`` itself is missing.
+    Only names exactly of those forms, owned by this user, whose process is gone and whose
+    staging (or the output it became) no live merge holds locked; best effort, never an error."""
     if not output.parent.is_dir():
         return
-    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-.*)?$")
+    name = re.escape(output.name)
+    staging = re.compile(rf"^\.{name}\.partial-(?P<pid>\d+)-[0-9a-f]{{8}}$")
+    old = re.compile(rf"^\.{name}\.old-(?P<pid>\d+)$")
     for leftover in sorted(output.parent.iterdir()):
-        match = pattern.match(leftover.name)
-        if match is None or _pid_alive(int(match["pid"])):
+        match = staging.match(leftover.name) or old.match(leftover.name)
+        try:
+            if (
+                match is None
+                or leftover.lstat().st_uid != os.getuid()
+                or _pid_alive(int(match["pid"]))
+                or _locked(leftover)
+            ):
+                continue
+            if match.re is staging:
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+            elif output.exists() or output.is_symlink():
+                if not _locked(output):  # else its run is live, about to remove this itself
+                    _remove(leftover)
+            else:
+                leftover.rename(output)
+        except OSError:
             continue
-        if match["kind"] == "old" and not (output.exists() or output.is_symlink()):
-            leftover.rename(output)
-        else:
-            _remove(leftover)
 
 
 def _remove(path: Path) -> None:
@@ -955,14 +1014,45 @@ def remove_created(created: Sequence[Path]) -> None:
             break
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside wait until it is left, then go to their handlers.
+    Python runs signal handlers in the main thread only, so elsewhere there is nothing to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {
+        signum: signal.signal(signum, lambda received, _frame: caught.append(received))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _replace_dir(staging: Path, output: Path) -> None:
-    if output.exists() or output.is_symlink():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        staging.rename(output)
-        _remove(old)
-    else:
-        staging.rename(output)
+    """Move ``staging`` to ``output``, the previous output aside first and then away. SIGINT and
+    SIGTERM wait until this is done (or undone): no signal leaves the output missing or the old
+    one beside it. Only SIGKILL can land in between; clean_stale puts the old output back then."""
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    with _signals_deferred():
+        moved = output.exists() or output.is_symlink()
+        if moved:
+            output.rename(old)
+        try:
+            staging.rename(output)
+        except BaseException:
+            if moved:
+                old.rename(output)
+            raise
+        if moved:
+            with contextlib.suppress(OSError):  # the new output is in; the next run's clean_stale retries
+                _remove(old)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,6 +143,22 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
             "Activated LoRA",
         ),
         "lora-bias": (_adapter_copy(demo.adapter, tmp / "lbias", config={"lora_bias": True}), "lora_bias"),
+        **{
+            f"variant-{option}": (_adapter_copy(demo.adapter, tmp / option, config={option: value}), needle)
+            for option, value, needle in (
+                ("kasa_config", {"kasa_init": "svd"}, "KaSA"),
+                ("use_bdlora", {"nblocks": 2, "target_modules_bd_a": ["q_proj"]}, "BD-LoRA"),
+                ("arrow_config", {"top_k": 2}, "Arrow"),
+            )
+        },
+        "two-adapters-in-one-file": (
+            _adapter_copy(
+                demo.adapter,
+                tmp / "two",
+                tensors={**lora, q_a.replace(".weight", ".other.weight"): lora[q_a].clone()},
+            ),
+            "twice",
+        ),
         "missing": (tmp / "does-not-exist", "does-not-exist"),
         **{
             f"init-{init}": (
@@ -190,6 +206,10 @@ def _broken(src: Path, dst: Path, name: str, content: bytes) -> Path:
         "rank-pattern",
         "alora",
         "lora-bias",
+        "variant-kasa_config",
+        "variant-use_bdlora",
+        "variant-arrow_config",
+        "two-adapters-in-one-file",
         "missing",
         "init-pissa",
         "init-pissa_niter_4",
@@ -273,31 +293,99 @@ def test_sigterm_during_a_merge_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def _holding_lock(path: Path) -> int:
+    """An open, flocked descriptor on ``path``: a live merge in another PID namespace."""
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def test_leftovers_of_killed_runs_are_cleaned_and_a_live_run_is_left_alone(
     demo: DemoPaths, tmp_path: Path
 ) -> None:
     import os
 
     dead, out = _dead_pid(), tmp_path / "merged"
-    stale = tmp_path / f".merged.partial-{dead}-x1y2"
-    live = tmp_path / f".merged.partial-{os.getpid()}-a3b4"
-    other = tmp_path / f".other.partial-{dead}-c5d6"
-    for directory in (stale, live, other):
+    stale = tmp_path / f".merged.partial-{dead}-0a1b2c3d"
+    live = tmp_path / f".merged.partial-{os.getpid()}-4e5f6a7b"
+    # A run whose PID means nothing here (another PID namespace) but which holds its lock.
+    elsewhere = tmp_path / f".merged.partial-{dead}-8c9d0e1f"
+    other = tmp_path / f".other.partial-{dead}-2a3b4c5d"
+    for directory in (stale, live, elsewhere, other):
         directory.mkdir()
         (directory / "model.safetensors").write_bytes(b"half")
-    assert _run(*_args(demo, out)) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name, other.name])
+    # Names like ours that a user gave their own things, and a link named like a staging.
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "keep").write_text("x")
+    lookalikes = [f".merged.old-{dead}-backup", f".merged.partial-{dead}", f".merged.partial-{dead}-notours"]
+    for name in lookalikes:
+        (tmp_path / name).mkdir()
+    link = tmp_path / f".merged.partial-{dead}-3e4f5a6b"
+    link.symlink_to(users, target_is_directory=True)
+    lock = _holding_lock(elsewhere)
+    try:
+        assert _run(*_args(demo, out)) == 0
+    finally:
+        os.close(lock)
+    kept = ["merged", "users", live.name, elsewhere.name, other.name, link.name, *lookalikes]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert (users / "keep").read_text() == "x"
 
     # Killed between moving the old output aside and moving the new one in: the old one is put
-    # back when there is no output, and dropped when there is one.
-    shutil.rmtree(live)
+    # back when there is no output (and then needs --overwrite like any output), and dropped
+    # when there is one.
+    for path in (live, elsewhere, link):
+        shutil.rmtree(path) if not path.is_symlink() else path.unlink()
     out.rename(tmp_path / f".merged.old-{dead}")
+    assert _run(*_args(demo, out)) != 0
+    assert out.is_dir() and (out / "model.safetensors").exists()
     assert _run(*_args(demo, out, "--overwrite")) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", "users", other.name, *lookalikes])
     out.rename(tmp_path / f".merged.old-{dead}")
     out.mkdir()
     assert _run(*_args(demo, out, "--overwrite")) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", "users", other.name, *lookalikes])
+
+
+def test_leftovers_of_another_user_are_left_alone(demo: DemoPaths, tmp_path: Path) -> None:
+    import os
+
+    if os.getuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    theirs = tmp_path / f".merged.partial-{_dead_pid()}-0a1b2c3d"
+    theirs.mkdir()
+    os.chown(theirs, 54321, 54321)
+    assert _run(*_args(demo, tmp_path / "merged")) == 0
+    assert theirs.is_dir()
+
+
+def test_a_signal_while_the_output_is_replaced_never_loses_it(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM (or Ctrl-C) between moving the old output aside and moving the new one in waits
+    until the new one is in: the output is never missing, nothing is left beside it."""
+    import os
+    import signal
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old").write_text("x")
+    rename = Path.rename
+
+    def interrupted(self: Path, target: Path) -> Path:
+        if self == out:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    code = _run(*_args(demo, out, "--overwrite"))
+    assert code == 128 + signal.SIGTERM and "interrupted" in capsys.readouterr().err
+    assert (out / "model.safetensors").exists() and not (out / "old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_output_paths_an_unlucky_user_gives(

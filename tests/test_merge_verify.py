@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -289,3 +290,58 @@ def test_verify_without_a_tokenizer_is_a_one_line_error(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tokenizer" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def _scaled_pair(rank: int, delta_over_w: float, rows: int = 128, cols: int = 256) -> merge_adapter.LoraPair:
+    a, b = torch.randn(rank, cols), torch.randn(rows, rank)
+    return merge_adapter.LoraPair("m", a, b, delta_over_w / float((b @ a).abs().mean()))
+
+
+@pytest.mark.parametrize(
+    ("rank", "delta_over_w", "base", "out"),
+    [
+        (64, 1e-5, torch.bfloat16, torch.float32),
+        (256, 1e-4, torch.bfloat16, torch.float32),
+        (16, 1e-4, torch.float32, torch.bfloat16),
+        (256, 1e-3, torch.float32, torch.bfloat16),
+        (8, 1e-3, torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_the_weight_rule_catches_5_percent_of_a_delta_small_next_to_w(
+    rank: int, delta_over_w: float, base: torch.dtype, out: torch.dtype
+) -> None:
+    """|W| in [1, 2), deltas 1e-5..1e-3 of it, ranks up to 256: a x0.95 or x1.05 scale changes
+    thousands of output values, and the rule must see them. With W's slack scaled by the rank
+    (2(r+4)u|W|), every one of these passed."""
+    import verify_merge
+
+    torch.manual_seed(rank)
+    weight = ((torch.rand(128, 256) + 1) * torch.randn(128, 256).sign()).to(base)
+    pair = _scaled_pair(rank, delta_over_w)
+    reference = (weight.double() + pair.scale * (pair.b.double() @ pair.a.double())).to(out)
+    right = merge_adapter.merged_tensor(weight, pair, out)
+    assert verify_merge._check_merged(weight, right, pair)["outside"] == 0
+    for factor in (0.95, 1.05):
+        wrong = merge_adapter.merged_tensor(weight, dataclasses.replace(pair, scale=factor * pair.scale), out)
+        differ = int((wrong != reference).sum())
+        outside = verify_merge._check_merged(weight, wrong, pair)["outside"]
+        assert differ > 10 and outside >= differ // 2, (factor, outside, differ)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 7, 64, 300])
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_weight_rule_passes_every_correct_merge(rank: int, out: torch.dtype) -> None:
+    """Soundness: the merge's own rounding never leaves the rule's interval, whatever the rank,
+    the dtype or the size of W next to the delta (zeros, subnormals, huge and tiny rows)."""
+    import verify_merge
+
+    torch.manual_seed(rank)
+    weight = torch.randn(96, 200) * torch.logspace(-30, 3, 96)[:, None]
+    weight[0] = 0.0
+    weight[1] = 1e-40  # fp32 subnormal
+    for delta_over_w in (1e-6, 1e-3, 1.0, 1e3):
+        pair = _scaled_pair(rank, delta_over_w, 96, 200)
+        for base in (torch.float32, torch.bfloat16):
+            w = weight.to(base)
+            result = verify_merge._check_merged(w, merge_adapter.merged_tensor(w, pair, out), pair)
+            assert result["outside"] == 0, (delta_over_w, base, result)
