@@ -1,4 +1,4 @@
-"""python -m serve --model DIR | --demo [--extract TEXT] [vLLM arguments ...]"""
+"""python -m serve --model DIR | --demo [--engines N|auto] [--extract TEXT] [vLLM arguments ...]"""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from serve.balancer import BalancerMissing, caddy_binary
+from serve.engines import plan_group, run_group
 from serve.launcher import (
     STOP_GRACE_S,
     LaunchError,
@@ -34,17 +36,28 @@ def main(argv: list[str] | None = None) -> int:
             return _extract_once(settings, passthrough)
         check_passthrough(passthrough)
         check_port_free(settings.host, settings.port)
+        if isinstance(settings.engines, int) and settings.engines > 1:
+            caddy_binary()  # before a long model build, not after
         model = prepare_model(settings)
         env = server_env(settings)
-        if on_cpu():
+        group = None
+        if settings.engines != 1:
+            group = plan_group(settings, model, passthrough, env)
+        if group is None and on_cpu():
             check_kv_cache_fits(env)
-    except LaunchError as exc:
+    except (LaunchError, BalancerMissing) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
     root = local_url(settings.host, settings.port)
     env["ENDPOINT_DRAIN_FLAG"] = drain_flag = os.path.join(
         tempfile.gettempdir(), f"endpoint-serve-{os.getpid()}.draining"
     )
+    if group is not None:
+        try:
+            return run_group(settings, group, env, Path(drain_flag))
+        except LaunchError as exc:
+            print(f"serve: error: {exc}", file=sys.stderr)
+            return 1
     supervisor = Supervisor(
         [*vllm_server_argv(), *vllm_argv(settings, model, passthrough)],
         env,

@@ -144,8 +144,12 @@ def server_env(settings: ServeSettings) -> dict[str, str]:
         ENDPOINT_SCHEMA_POLICY=settings.schema_policy,
         ENDPOINT_SERVED_MODEL_NAME=settings.served_model_name,
         ENDPOINT_MAX_TOKENS_CAP=str(settings.max_tokens_cap),
+        ENDPOINT_MAX_REQUEST_TOKENS=str(settings.max_request_tokens),
         ENDPOINT_MAX_BODY_BYTES=str(settings.max_body_bytes),
         ENDPOINT_BODY_TIMEOUT=str(settings.body_timeout),
+        # For serve/grammar.py: whether the compact endpoint grammar may stand in for the schema.
+        ENDPOINT_STRUCTURED_BACKEND=settings.structured_backend,
+        ENDPOINT_ANY_WHITESPACE="1" if settings.any_whitespace else "0",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]),
     )
     if settings.log_format == "json":

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.models import endpoint_json_schema
+from serve.grammar import compact_grammar_applies, endpoint_grammar, grammar_structured_outputs
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -165,7 +166,10 @@ def _is_endpoint_format(body: dict[str, Any]) -> bool:
             return False
     so = body.get("structured_outputs")
     if so is not None:
-        if not isinstance(so, dict) or {k for k, v in so.items() if v is not None} != {"json"}:
+        given = {k for k, v in so.items() if v is not None} if isinstance(so, dict) else None
+        if given == {"grammar"}:  # this server's own compact grammar (serve/grammar.py)
+            return bool(so["grammar"] == endpoint_grammar())
+        if given != {"json"}:
             return False
         json_value = so["json"]
         if isinstance(json_value, str):
@@ -269,6 +273,9 @@ class Policy:
     max_request_tokens: int = 4096
     max_body_bytes: int = 1_000_000
     body_timeout: float = 30.0
+    # Send the endpoint schema as xgrammar's compact grammar (serve/grammar.py), so every vLLM
+    # writes minimal JSON; the policy's decisions are the same either way.
+    compact_grammar: bool = False
 
     @classmethod
     def from_env(cls) -> Policy:
@@ -280,6 +287,7 @@ class Policy:
             max_request_tokens=int(env.get("ENDPOINT_MAX_REQUEST_TOKENS", "4096")),
             max_body_bytes=int(env.get("ENDPOINT_MAX_BODY_BYTES", "1000000")),
             body_timeout=float(env.get("ENDPOINT_BODY_TIMEOUT", "30")),
+            compact_grammar=compact_grammar_applies(env),
         )
 
     def route_open(self, path: str) -> bool:
@@ -326,6 +334,8 @@ class Policy:
         self._check_params(kind, body)
         # Rebuilt even when kept, so vLLM parses exactly the body judged here.
         body = {k: v for k, v in body.items() if k not in FORMAT_KEYS}
+        if self.compact_grammar:
+            return {**body, "structured_outputs": grammar_structured_outputs()}, action
         if kind == "completions":
             return {**body, "structured_outputs": {"json": endpoint_json_schema()}}, action
         return {**body, "response_format": schema_response_format()}, action
@@ -426,6 +436,8 @@ class SchemaPolicyMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.policy = Policy.from_env()
+        if self.policy.compact_grammar:
+            endpoint_grammar()  # built once at start-up (~0.1 s), not on the first request
         self._drain_flag = os.environ.get("ENDPOINT_DRAIN_FLAG")
         self._key_digest = _api_key_digest()
 

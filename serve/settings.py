@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, NoReturn, get_args, get_origin
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SchemaPolicy = Literal["default", "force", "off"]
@@ -39,7 +39,8 @@ class ServeSettings(BaseSettings):
         None,
         # vLLM's own variable counts too, so a key vLLM would enforce is never unknown here.
         validation_alias=AliasChoices("ENDPOINT_API_KEY", "VLLM_API_KEY"),
-        description="require this bearer token on /v1 routes (or ENDPOINT_API_KEY / VLLM_API_KEY)",
+        description="require this bearer token on every route but GET /health, /ping and /metrics "
+        "(or ENDPOINT_API_KEY / VLLM_API_KEY)",
     )
     allow_unauthenticated: bool = Field(
         False, description="allow binding a non-loopback address without --api-key"
@@ -54,6 +55,12 @@ class ServeSettings(BaseSettings):
         2048, ge=256, description="context length: the prompt (~100 tokens) plus the longest output"
     )
     max_tokens_cap: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_request_tokens: int = Field(
+        4096,
+        ge=1,
+        description="most tokens one request may generate in all: n x prompts x max_tokens (the cap "
+        "when max_tokens is absent)",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
     body_timeout: float = Field(
         30.0, gt=0, description="seconds a request body may take to arrive before a 408 (stalled clients)"
@@ -79,6 +86,44 @@ class ServeSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="vLLM's and uvicorn's log lines as text or as one JSON object per line"
     )
+    # Several engines per GPU (serve/engines.py): placement, MPS and the balancer in front.
+    engines: int | Literal["auto"] = Field(
+        1,
+        description="vLLM engines behind the one URL (a balancer in front when more than 1); auto: "
+        "from cores and memory (README: Several engines per GPU)",
+    )
+    mps: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="CUDA MPS for several engines on a GPU: auto uses the platform's "
+        "(CUDA_MPS_PIPE_DIRECTORY) or starts its own daemon when nvidia-cuda-mps-control exists; "
+        "on requires one; off starts none",
+    )
+    pin_cores: Literal["on", "off"] = Field(
+        "on", description="with several engines, give each its own disjoint share of the cores"
+    )
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _engine_count(cls, engines: object) -> object:
+        text = str(engines).strip()
+        if text == "auto":
+            return text
+        if isinstance(engines, bool) or not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{engines!r} is not a whole number of engines of at least 1, nor auto")
+        return int(text)
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # vLLM reads an empty key as "no key", which would switch authentication off.
+        value = key.get_secret_value() if key is not None else None
+        if value is not None and not value.strip():
+            raise ValueError("the API key is empty or whitespace; give a key or none")
+        if value is not None and (any(c.isspace() for c in value) or not value.isprintable()):
+            raise ValueError(
+                "the API key holds whitespace or control characters, which a bearer header cannot carry"
+            )
+        return key
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -88,6 +133,11 @@ class ServeSettings(BaseSettings):
             raise ValueError("give either --model or --demo, not both")
         if self.extract is not None and not self.extract.strip():
             raise ValueError("--extract needs a non-empty text")
+        if self.max_request_tokens < self.max_tokens_cap:
+            raise ValueError(
+                f"--max-request-tokens ({self.max_request_tokens}) is below --max-tokens-cap "
+                f"({self.max_tokens_cap}): a request without max_tokens could never run"
+            )
         if not is_loopback(self.host) and self.api_key is None and not self.allow_unauthenticated:
             raise ValueError(
                 f"refusing to bind {self.host} (beyond loopback) without --api-key; "
@@ -146,6 +196,8 @@ def parse_settings(argv: list[str]) -> tuple[ServeSettings, list[str]]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        if where in ("ENDPOINT_API_KEY", "VLLM_API_KEY"):  # the key's aliases name its flag too
+            where = "api_key"
         if where in ServeSettings.model_fields:
             where = "--" + where.replace("_", "-")
         message = first["msg"].removeprefix("Value error, ")

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import ctypes
 import json
+import os
 import re
 import signal
 import subprocess
@@ -193,3 +194,233 @@ class Supervisor:
 
 def _say(message: str) -> None:
     print(f"serve: {message}", file=sys.stderr, flush=True)
+
+
+# -- several engines and a balancer ------------------------------------------------------------
+
+
+# A dead engine is started again this many times, then left dead (the others go on serving).
+MAX_ENGINE_RESTARTS = 3
+# Seconds an engine stopped before it was ever ready may take to exit before it is killed.
+STARTING_STOP_S = 30
+
+
+class Child:
+    """One process of an engine group: its output passes through, the tail is kept for the cause
+    of a failure."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cores: tuple[int, ...] = ()) -> None:
+        self.name, self.argv, self.env, self.cores = name, argv, env, cores
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._pumps: list[threading.Thread] = []
+
+    def start(self) -> None:
+        cores = self.cores
+
+        def setup() -> None:
+            _die_with_parent()
+            if cores:
+                # Inherited by every process vLLM starts (API server, engine core, workers).
+                os.sched_setaffinity(0, cores)
+
+        self.process = process = subprocess.Popen(
+            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=setup
+        )
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(process.stdout, sys.stdout.buffer), daemon=True),
+            threading.Thread(target=self._pump, args=(process.stderr, sys.stderr.buffer), daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def join_output(self) -> None:
+        for pump in self._pumps:
+            pump.join(timeout=5)
+
+    def how_it_ended(self) -> str:
+        code = self.poll()
+        if code is None:
+            return "is running"
+        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+    def _pump(self, source: IO[bytes] | None, sink: IO[bytes]) -> None:
+        assert source is not None
+        for raw in iter(source.readline, b""):
+            sink.write(raw)
+            sink.flush()
+            self.tail.append(raw.decode(errors="replace"))
+        source.close()
+
+
+class EngineGroup:
+    """Several engines and the balancer in front of them, run as one server.
+
+    Start-up: engines one after another (on a GPU each profiles its memory alone), each until its
+    /health is 200, then the balancer; an engine that dies while starting, or outlasts
+    --startup-timeout, stops everything with one line. Running: an engine that dies is reported
+    with its cause and started again (up to MAX_ENGINE_RESTARTS times) while the others go on
+    serving (the balancer's health checks route around it until it is back); when none is left,
+    or the balancer dies, serve stops with exit code 1. SIGTERM/SIGINT: the
+    drain flag turns every engine's /health and new requests to 503, every engine finishes its
+    in-flight requests, then the balancer, which carried their answers, stops last.
+    """
+
+    def __init__(
+        self,
+        engines: list[Child],
+        engine_health_urls: list[str],
+        balancer: Child,
+        *,
+        health_url: str,
+        base_url: str,
+        startup_timeout: float,
+        stop_timeout: float,
+        drain_flag: Path | None = None,
+    ) -> None:
+        self.engines, self.engine_health_urls, self.balancer = engines, engine_health_urls, balancer
+        self.health_url, self.base_url = health_url, base_url
+        self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
+        self.drain_flag = drain_flag
+        self._stopping: signal.Signals | None = None
+        self._ready: set[str] = set()  # engines that have answered /health with 200
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = self._start()
+            if code is None:
+                code = self._serve()
+            return code
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.drain_flag is not None:
+                self.drain_flag.unlink(missing_ok=True)
+            for child in [*self.engines, self.balancer]:
+                child.join_output()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = signal.Signals(signum)
+
+    def _start(self) -> int | None:
+        """None once everything is ready, else the exit code."""
+        for engine, health in zip(self.engines, self.engine_health_urls, strict=True):
+            _say(f"starting {engine.name} ({len(self.engines)} in all, one after another)")
+            engine.start()
+            deadline = time.monotonic() + self.startup_timeout
+            while probe(health) != 200:
+                if self._stopping is not None:
+                    return 128 + int(self._stopping)
+                if engine.poll() is not None:
+                    _say(
+                        f"error: {engine.name} {engine.how_it_ended()} during start-up: {root_cause(engine.tail)}"
+                    )
+                    return 1
+                if time.monotonic() > deadline:
+                    _say(
+                        f"error: {engine.name} was not ready after {self.startup_timeout:g}s; stopped it (--startup-timeout)"
+                    )
+                    return 1
+                time.sleep(0.5)
+            engine.tail.clear()
+            self._ready.add(engine.name)
+        self.balancer.start()
+        deadline = time.monotonic() + 60
+        while probe(self.health_url) != 200:
+            if self._stopping is not None:
+                return 128 + int(self._stopping)
+            if self.balancer.poll() is not None or time.monotonic() > deadline:
+                _say(  # a balancer still running here did not answer within the deadline
+                    f"error: the balancer {self.balancer.how_it_ended()} during start-up: {root_cause(self.balancer.tail)}"
+                )
+                return 1
+            time.sleep(0.2)
+        _say(f"ready: {self.base_url} ({len(self.engines)} engines)")
+        return None
+
+    def _serve(self) -> int:
+        restarts = dict.fromkeys(range(len(self.engines)), 0)
+        given_up: set[int] = set()
+        coming_back: set[int] = set()
+        while self._stopping is None:
+            if self.balancer.poll() is not None:
+                _say(
+                    f"error: the balancer {self.balancer.how_it_ended()} unexpectedly: "
+                    f"{root_cause(self.balancer.tail)}"
+                )
+                return 1
+            for i, engine in enumerate(self.engines):
+                if i in coming_back and probe(self.engine_health_urls[i]) == 200:
+                    coming_back.discard(i)
+                    engine.tail.clear()
+                    self._ready.add(engine.name)
+                    _say(f"{engine.name} is back")
+                if engine.poll() is None or i in given_up:
+                    continue
+                alive = sum(e.poll() is None for e in self.engines)
+                cause = f"{engine.name} {engine.how_it_ended()} unexpectedly"
+                if (engine.poll() or 0) >= 0:  # a signal is its own cause; the log's last line is not
+                    cause += f": {root_cause(engine.tail)}"
+                if restarts[i] >= MAX_ENGINE_RESTARTS:
+                    given_up.add(i)
+                    _say(f"error: {cause}; not restarted again ({alive} of {len(self.engines)} engines left)")
+                    continue
+                restarts[i] += 1
+                _say(
+                    f"error: {cause}; {alive} of {len(self.engines)} engines serve while it restarts "
+                    f"({restarts[i]} of {MAX_ENGINE_RESTARTS})"
+                )
+                engine.join_output()
+                engine.tail.clear()
+                self._ready.discard(engine.name)
+                engine.start()
+                coming_back.add(i)
+            if len(given_up) == len(self.engines):
+                _say("error: no engine left; stopping")
+                return 1
+            time.sleep(0.5)
+        # Stopped by a signal: the engines' own verdict stands, as with one engine.
+        codes = self._stop_all()
+        statuses = [128 - c if c < 0 else c for c in codes if c is not None]
+        return max(statuses, default=0)
+
+    def _stop_all(self) -> list[int | None]:
+        """Drain and stop the engines, then the balancer; every engine's exit code."""
+        if self.drain_flag is not None and any(e.poll() is None for e in self.engines):
+            # Readiness turns red and new requests get a retryable 503 from every engine, while
+            # in-flight ones finish and their answers still pass through the balancer.
+            self.drain_flag.touch()
+        for engine in self.engines:
+            engine.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for engine in self.engines:
+            if engine.process is None:
+                continue
+            try:
+                # One still starting has nothing in flight to finish.
+                until = (
+                    deadline
+                    if engine.name in self._ready
+                    else min(deadline, time.monotonic() + STARTING_STOP_S)
+                )
+                engine.process.wait(timeout=max(0.1, until - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                engine.process.kill()  # it outlived --shutdown-timeout plus a grace period
+                engine.process.wait()
+        self.balancer.signal(signal.SIGTERM)
+        if self.balancer.process is not None:
+            try:
+                self.balancer.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.balancer.process.kill()
+                self.balancer.process.wait()
+        return [engine.poll() for engine in self.engines]

@@ -461,3 +461,36 @@ def test_text_parts_pass_and_off_is_plain_vllm() -> None:
     assert Policy().decide("/v1/chat/completions", {"messages": messages})[1] == "injected"
     media = [{"role": "user", "content": [MEDIA_PARTS[0]]}]
     assert Policy(mode="off").decide("/v1/chat/completions", {"messages": media})[1] == "none"
+
+
+def test_compact_grammar_replaces_the_schema_wherever_the_schema_applies() -> None:
+    from serve.grammar import grammar_structured_outputs
+
+    policy = Policy(compact_grammar=True)
+    ours = {
+        "model": "endpoint-extractor",
+        "messages": BODY["messages"],
+        "response_format": schema_response_format(),
+    }
+    for mode, body in (("default", dict(BODY)), ("default", ours), ("force", dict(BODY)), ("force", ours)):
+        out, action = Policy(mode=mode, compact_grammar=True).decide(CHAT, body)
+        assert out["structured_outputs"] == grammar_structured_outputs() and "response_format" not in out, (
+            action
+        )
+    out, _ = Policy(mode="force", compact_grammar=True).decide("/v1/completions", {"prompt": "x"})
+    assert out["structured_outputs"] == grammar_structured_outputs()
+    # A request's own format stays its own; our grammar sent back to us is the endpoint format.
+    own = {**BODY, "response_format": {"type": "json_object"}}
+    assert policy.apply(CHAT, own) == own
+    echoed = {**BODY, "structured_outputs": grammar_structured_outputs()}
+    assert Policy(mode="force", compact_grammar=True).decide(CHAT, echoed)[1] == "forced"
+    with pytest.raises(PolicyError):
+        Policy(mode="force").decide(CHAT, {**BODY, "structured_outputs": {"grammar": 'root ::= "x"'}})
+
+
+def test_compact_grammar_follows_the_backend_and_whitespace_settings() -> None:
+    from serve.grammar import compact_grammar_applies
+
+    assert compact_grammar_applies({})
+    assert not compact_grammar_applies({"ENDPOINT_STRUCTURED_BACKEND": "guidance"})
+    assert not compact_grammar_applies({"ENDPOINT_ANY_WHITESPACE": "1"})

@@ -287,7 +287,6 @@ def test_request_budget_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Policy.from_env().max_request_tokens == 3000
 
 
-@pytest.mark.xfail(strict=True, reason="serve/launcher.py server_env must export ENDPOINT_MAX_REQUEST_TOKENS")
 def test_the_request_budget_reaches_the_server() -> None:
     settings, _ = parse_settings(["--demo", "--max-request-tokens", "2048"])
     assert server_env(settings).get("ENDPOINT_MAX_REQUEST_TOKENS") == "2048"
