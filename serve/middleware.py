@@ -22,6 +22,7 @@ vLLM instantiates middleware without arguments, so the policy comes from ENDPOIN
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -464,8 +465,10 @@ class SchemaPolicyMiddleware:
             return await _reply_error(send, 503, "server is shutting down; retry elsewhere", None, request_id)
         if method != "POST":
             if not self._authorized(path, method, headers):
+                await self._discard_body(receive, headers)
                 return await _reply_error(send, 401, UNAUTHORIZED, None, request_id)
             if _closed(path):
+                await self._discard_body(receive, headers)
                 return await _reply_error(send, 404, f"{path} is not served here", None, request_id)
             return await self.app(scope, receive, send)
 
@@ -482,18 +485,22 @@ class SchemaPolicyMiddleware:
         async def reply_error(error_status: int, message: str, param: str | None = None) -> None:
             await _reply_error(send_logged, error_status, message, param, request_id)
 
+        async def refuse_unread(error_status: int, message: str) -> None:
+            await self._discard_body(receive, headers)
+            await reply_error(error_status, message)
+
         try:
             if not self._authorized(path, method, headers):
                 action = "rejected"
-                return await reply_error(401, UNAUTHORIZED)
+                return await refuse_unread(401, UNAUTHORIZED)
             if _closed(path):
                 action = "rejected"
-                return await reply_error(404, f"{path} is not served here")
+                return await refuse_unread(404, f"{path} is not served here")
             if draining:
-                return await reply_error(503, "server is shutting down; retry elsewhere")
+                return await refuse_unread(503, "server is shutting down; retry elsewhere")
             if not self.policy.route_open(path):
                 action = "rejected"
-                return await reply_error(403, f"{path} is closed: this server's schema policy is 'force'")
+                return await refuse_unread(403, f"{path} is closed: this server's schema policy is 'force'")
             try:
                 raw = await self._read_body(receive, headers)
             except _ClientGone:
@@ -555,6 +562,15 @@ class SchemaPolicyMiddleware:
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(hashlib.sha256(token.encode("latin-1")).digest(), self._key_digest)
+
+    async def _discard_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> None:
+        """Read and drop a refused request's body (within the size and time limits) before the
+        answer. A server that answers and closes with body bytes unread makes the kernel reset the
+        connection, and a proxy in front (the balancer of --engines) can lose the answer with it."""
+        if not any(k in (b"content-length", b"transfer-encoding") for k, _ in headers):
+            return
+        with contextlib.suppress(_ClientGone, _BodyStalled):
+            await self._read_body(receive, headers)
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes | None:
         """The whole body, or None when it is over the limit (by its declared length or as read).

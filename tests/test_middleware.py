@@ -494,3 +494,27 @@ def test_compact_grammar_follows_the_backend_and_whitespace_settings() -> None:
     assert compact_grammar_applies({})
     assert not compact_grammar_applies({"ENDPOINT_STRUCTURED_BACKEND": "guidance"})
     assert not compact_grammar_applies({"ENDPOINT_ANY_WHITESPACE": "1"})
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_refused_request_s_body_is_read_before_the_answer(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unread body bytes make the server's close a TCP reset, which can lose the 401 in a proxy."""
+    from serve.middleware import SchemaPolicyMiddleware
+
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a refused request never reaches vLLM")
+
+    chunks = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.request", "body": b"}"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return chunks.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/v1/models", "headers": [(b"content-length", b"2")]}
+    asyncio.run(SchemaPolicyMiddleware(app)(scope, receive, send))
+    assert sent[0]["status"] == 401 and chunks == []
