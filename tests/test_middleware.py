@@ -497,7 +497,9 @@ def test_compact_grammar_follows_the_backend_and_whitespace_settings() -> None:
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_a_refused_request_s_body_is_read_before_the_answer(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_request_s_body_is_read_before_the_answer(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Unread body bytes make the server's close a TCP reset, which can lose the 401 in a proxy."""
     from serve.middleware import SchemaPolicyMiddleware
 
@@ -506,7 +508,10 @@ def test_a_refused_request_s_body_is_read_before_the_answer(method: str, monkeyp
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("a refused request never reaches vLLM")
 
-    chunks = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.request", "body": b"}"}]
+    chunks = [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.request", "body": b"}"},
+    ]
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
