@@ -109,7 +109,13 @@ class ExtractionUser(HttpUser):
             CHAT_PATH, json=self._body(text), name="extract", catch_response=True
         ) as response:
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                # Status 0: no answer came back; the exception says why (reset, closed, ...).
+                why = (
+                    response.text[:200]
+                    if response.status_code
+                    else repr(getattr(response, "error", None))[:200]
+                )
+                response.failure(f"HTTP {response.status_code}: {why}")
                 return
             try:
                 content = response.json()["choices"][0]["message"]["content"] or ""
@@ -134,7 +140,13 @@ class ExtractionUser(HttpUser):
             CHAT_PATH, json=self._body(text), name="extract (stream)", stream=True, catch_response=True
         ) as response:
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                # Status 0: no answer came back; the exception says why (reset, closed, ...).
+                why = (
+                    response.text[:200]
+                    if response.status_code
+                    else repr(getattr(response, "error", None))[:200]
+                )
+                response.failure(f"HTTP {response.status_code}: {why}")
                 return
             try:
                 for raw in response.iter_lines():
