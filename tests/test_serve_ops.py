@@ -31,7 +31,7 @@ WEIGHTS_LOADED = "Loading weights took"
 HTTP_STARTING = "Starting vLLM server on"
 # On a small CPU machine the engine's two busy processes starve everything else (this test and
 # the API server's event loop) for seconds at a time: each drain request must outlast that by far.
-DRAIN_TOKENS = 24_000
+DRAIN_TOKENS = 12_000
 
 
 @dataclass
