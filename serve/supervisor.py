@@ -184,12 +184,17 @@ class Supervisor:
         self._process.send_signal(sig)
 
     def _pump(self, source: IO[bytes] | None, sink: IO[bytes]) -> None:
-        assert source is not None
-        for raw in iter(source.readline, b""):
-            sink.write(raw)
-            sink.flush()
-            self.tail.append(raw.decode(errors="replace"))
-        source.close()
+        _pump(source, sink, self.tail)
+
+
+def _pump(source: IO[bytes] | None, sink: IO[bytes], tail: collections.deque[str]) -> None:
+    """Pass a child's output through unchanged, keeping its last lines for the error message."""
+    assert source is not None
+    for raw in iter(source.readline, b""):
+        sink.write(raw)
+        sink.flush()
+        tail.append(raw.decode(errors="replace"))
+    source.close()
 
 
 def _say(message: str) -> None:
@@ -252,12 +257,7 @@ class Child:
         return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
     def _pump(self, source: IO[bytes] | None, sink: IO[bytes]) -> None:
-        assert source is not None
-        for raw in iter(source.readline, b""):
-            sink.write(raw)
-            sink.flush()
-            self.tail.append(raw.decode(errors="replace"))
-        source.close()
+        _pump(source, sink, self.tail)
 
 
 class EngineGroup:
