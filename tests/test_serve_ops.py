@@ -32,6 +32,7 @@ HTTP_STARTING = "Starting vLLM server on"
 # On a small CPU machine the engine's two busy processes starve everything else (this test and
 # the API server's event loop) for seconds at a time: each drain request must outlast that by far.
 DRAIN_TOKENS = 12_000
+JSON = {"content-type": "application/json"}
 
 
 @dataclass
@@ -98,6 +99,18 @@ def test_sigterm_lets_in_flight_requests_finish(plain: StartUp) -> None:
     url = server.base_url + "/chat/completions"
     max_tokens = DRAIN_TOKENS  # ignore_eos: each request runs to exactly this many tokens
     results: dict[str, tuple[int, int, str, float]] = {}
+    # While the CPU engine generates, this machine's other work gets a sliver of a core for tens of
+    # seconds at a time: a request sent after the first one started may only reach the engine once
+    # that one is done. So every request's body is held one chunk short of its end until all four
+    # are at the server, then all four end at once and are admitted before generation starts.
+    sent, release = threading.Barrier(5), threading.Event()
+
+    def held_body(body: dict[str, object]) -> Iterator[bytes]:
+        raw = json.dumps(body).encode()
+        yield raw[:-1]
+        sent.wait(timeout=60)
+        release.wait(timeout=60)
+        yield raw[-1:]
 
     def plain_request(name: str) -> None:
         body = {
@@ -106,7 +119,7 @@ def test_sigterm_lets_in_flight_requests_finish(plain: StartUp) -> None:
             "max_tokens": max_tokens,
             "ignore_eos": True,
         }
-        response = httpx.post(url, json=body, timeout=300)
+        response = httpx.post(url, content=held_body(body), headers=JSON, timeout=300)
         choice, usage = response.json()["choices"][0], response.json()["usage"]
         results[name] = (
             response.status_code,
@@ -125,7 +138,7 @@ def test_sigterm_lets_in_flight_requests_finish(plain: StartUp) -> None:
             "stream_options": {"include_usage": True},
         }
         tokens, finish = 0, ""
-        with httpx.stream("POST", url, json=body, timeout=300) as response:
+        with httpx.stream("POST", url, content=held_body(body), headers=JSON, timeout=300) as response:
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -142,6 +155,9 @@ def test_sigterm_lets_in_flight_requests_finish(plain: StartUp) -> None:
     ]
     for thread in threads:
         thread.start()
+    sent.wait(timeout=60)
+    time.sleep(0.5)  # the held chunks reach the server's socket
+    release.set()
     deadline = time.monotonic() + 300
     while running_requests(server) < len(threads):
         assert time.monotonic() < deadline and all(t.is_alive() for t in threads), "requests not in flight"
