@@ -48,7 +48,7 @@ def _address(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def caddyfile(host: str, port: int, engine_ports: Sequence[int]) -> str:
+def caddyfile(host: str, port: int, engine_ports: Sequence[int], keep_alive: int) -> str:
     """Caddy's configuration: ``host:port`` in front of engines on loopback ``engine_ports``.
 
     * no admin API, no automatic HTTPS, nothing persisted: Caddy has no route of its own;
@@ -57,7 +57,10 @@ def caddyfile(host: str, port: int, engine_ports: Sequence[int]) -> str:
       retried on another engine, so a dead engine costs no request that had not reached it;
     * ``/engines/<i>/metrics`` is engine i's ``/metrics`` (vLLM's Prometheus text is per process,
       and every engine labels itself engine="0", so the texts cannot simply be concatenated);
-      ``/metrics`` itself is a 404 that lists them.
+      ``/metrics`` itself is a 404 that lists them;
+    * clients' idle connections stay open ``keep_alive`` seconds, as on one engine; Caddy's own to
+      the engines half that, so Caddy never reuses a connection an engine is closing (a POST sent
+      on one is lost: Go's transport does not retry it).
     """
     upstreams = " ".join(f"127.0.0.1:{p}" for p in engine_ports)
     per_engine = "".join(
@@ -72,6 +75,7 @@ def caddyfile(host: str, port: int, engine_ports: Sequence[int]) -> str:
         "\tauto_https off\n"
         "\tpersist_config off\n"
         f"\tgrace_period {GRACE_S}s\n"
+        f"\tservers {{\n\t\ttimeouts {{\n\t\t\tidle {keep_alive}s\n\t\t}}\n\t}}\n"
         "}\n"
         f"http://{_address(host)}:{port} {{\n"
         f"\tbind {host}\n"
@@ -91,6 +95,7 @@ def caddyfile(host: str, port: int, engine_ports: Sequence[int]) -> str:
         f"\t\t\thealth_interval {HEALTH_INTERVAL_S}s\n"
         "\t\t\thealth_timeout 5s\n"
         "\t\t\tflush_interval -1\n"  # stream tokens as they come
+        f"\t\t\ttransport http {{\n\t\t\t\tkeepalive {keep_alive * 500}ms\n\t\t\t}}\n"
         "\t\t}\n"
         "\t}\n"
         # Caddy's own errors (no engine ready, an engine gone mid-request) in OpenAI's error shape.

@@ -377,7 +377,9 @@ def run_group(settings: ServeSettings, plan: GroupPlan, env: Mapping[str, str], 
     work = Path(tempfile.mkdtemp(prefix="endpoint-serve-balancer-"))
     try:
         config = work / "Caddyfile"
-        config.write_text(caddyfile(settings.host, settings.port, [s.port for s in plan.specs]))
+        config.write_text(
+            caddyfile(settings.host, settings.port, [s.port for s in plan.specs], settings.keep_alive)
+        )
         # Caddy keeps nothing (persist_config off), but looks for its data and config homes.
         balancer_env = {k: v for k, v in env.items() if k not in ("VLLM_API_KEY", "ENDPOINT_API_KEY")}
         balancer_env.update(XDG_DATA_HOME=str(work / "data"), XDG_CONFIG_HOME=str(work / "config"))

@@ -152,6 +152,9 @@ def server_env(settings: ServeSettings) -> dict[str, str]:
         ENDPOINT_ANY_WHITESPACE="1" if settings.any_whitespace else "0",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]),
     )
+    # uvicorn's 5 s default loses requests that a client, or a balancer in front, sends on an
+    # idle connection in the instant the server closes it (a reset, status 0, no retry for POST).
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(settings.keep_alive)
     if settings.log_format == "json":
         # vLLM reads this dictConfig in every process and hands it to uvicorn as well, in every
         # release the gpu extra allows (--logging-config.formatter exists from 0.3x on only).

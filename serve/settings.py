@@ -79,6 +79,12 @@ class ServeSettings(BaseSettings):
         description="KV cache size on CPU, in whole GiB: sets VLLM_CPU_KVCACHE_SPACE (a value already "
         "in the environment wins unless this flag is given)",
     )
+    keep_alive: int = Field(
+        75,
+        ge=1,
+        description="seconds an idle client connection stays open; keep it above the idle timeout of "
+        "any load balancer in front, so none sends a request on a connection the server is closing",
+    )
     shutdown_timeout: int = Field(30, ge=0, description="seconds SIGTERM waits for in-flight requests")
     startup_timeout: int = Field(
         900, ge=1, description="seconds the model may take to load before start-up counts as failed"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 
+import httpx
 import pytest
 import torch
 from openai import OpenAI
@@ -92,3 +95,20 @@ def test_server_injects_schema_into_raw_http_requests(server) -> None:
     reply = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120).json()
     EndpointExtraction.model_validate(json.loads(reply["choices"][0]["message"]["content"]))
     assert torch.__version__  # the CPU build of torch is what serves here
+
+
+def test_an_idle_connection_outlives_a_clients_pause(server) -> None:
+    # With uvicorn's 5 s default, a request sent on a connection idle that long meets the server
+    # closing it: a reset, status 0, lost (nothing retries a POST). Clients (httpx: 5 s) and
+    # balancers must be the ones to drop idle connections first.
+    url = httpx.URL(server.root_url)
+    connection = http.client.HTTPConnection(url.host, url.port, timeout=30)
+    try:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            connection.request("GET", "/v1/models")
+            response = connection.getresponse()
+            assert response.status == 200 and b"endpoint-extractor" in response.read()
+            assert response.getheader("connection", "").lower() != "close"
+    finally:
+        connection.close()

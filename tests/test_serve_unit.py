@@ -290,3 +290,14 @@ def test_request_budget_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_request_budget_reaches_the_server() -> None:
     settings, _ = parse_settings(["--demo", "--max-request-tokens", "2048"])
     assert server_env(settings).get("ENDPOINT_MAX_REQUEST_TOKENS") == "2048"
+
+
+def test_idle_connections_are_kept_longer_than_a_balancer_keeps_them() -> None:
+    settings, _ = parse_settings(["--demo"])
+    assert server_env(settings)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "75"
+    settings, _ = parse_settings(["--demo", "--keep-alive", "620"])
+    assert server_env(settings)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "620"
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(SystemExit) as exc:
+            parse_settings(["--demo", "--keep-alive", bad])
+        assert str(exc.value).startswith("serve: error: ") and "--keep-alive" in str(exc.value)
