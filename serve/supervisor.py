@@ -143,7 +143,7 @@ class Supervisor:
         status = 128 - code if code < 0 else code  # a shell's status for "killed by a signal"
         if self._stop_deadline is not None:  # stopped by a signal: vLLM's own verdict stands
             return status
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = ended(code)
         # Unasked, a server never stops. vLLM exits 0 when its engine dies, which a process
         # manager must not mistake for a clean stop.
         _say(f"error: vLLM {how} {'unexpectedly' if ready else 'during start-up'}: {root_cause(self.tail)}")
@@ -185,6 +185,11 @@ class Supervisor:
 
     def _pump(self, source: IO[bytes] | None, sink: IO[bytes]) -> None:
         _pump(source, sink, self.tail)
+
+
+def ended(code: int) -> str:
+    """How a child with this return code ended, as a sentence's predicate."""
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 def _pump(source: IO[bytes] | None, sink: IO[bytes], tail: collections.deque[str]) -> None:
@@ -252,9 +257,7 @@ class Child:
 
     def how_it_ended(self) -> str:
         code = self.poll()
-        if code is None:
-            return "is running"
-        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return "is running" if code is None else ended(code)
 
     def _pump(self, source: IO[bytes] | None, sink: IO[bytes]) -> None:
         _pump(source, sink, self.tail)
