@@ -82,6 +82,7 @@ class ServeSettings(BaseSettings):
     keep_alive: int = Field(
         75,
         ge=1,
+        le=86_400,  # a day: longer serves no balancer, and Caddy cannot read a far longer duration
         description="seconds an idle client connection stays open; keep it above the idle timeout of "
         "any load balancer in front, so none sends a request on a connection the server is closing",
     )

@@ -297,7 +297,7 @@ def test_idle_connections_are_kept_longer_than_a_balancer_keeps_them() -> None:
     assert server_env(settings)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "75"
     settings, _ = parse_settings(["--demo", "--keep-alive", "620"])
     assert server_env(settings)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "620"
-    for bad in ("0", "1.5", "x"):
+    for bad in ("0", "1.5", "x", "86401", "10000000000000000"):
         with pytest.raises(SystemExit) as exc:
             parse_settings(["--demo", "--keep-alive", bad])
         assert str(exc.value).startswith("serve: error: ") and "--keep-alive" in str(exc.value)
