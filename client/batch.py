@@ -33,63 +33,67 @@ and counts the work, then the job), and at most ``concurrency`` records are in f
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
-import csv
-import json
 import os
-import re
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from tqdm import tqdm
 
-from client._client import AsyncEndpointClient, _unexpected
-from client._constants import (
-    BATCH_FSYNC_INTERVAL,
-    BATCH_MAX_CONCURRENCY,
-    BATCH_MAX_LINE_BYTES,
-    DEFAULT_CONCURRENCY,
+from client._base_client import _unexpected
+from client._batch_input import (
+    DETECT_LINES,
+    FORMATS,
+    OPENAI_URL,
+    InputFormat,
+    Key,
+    Record,
+    _csv_records,
+    _json_records,
+    detect_format,
 )
+from client._batch_output import (
+    _open_locked,
+    _Writer,
+    compact,
+    load_output,
+    remove_stale_compactions,
+    repair_tail,
+)
+from client._batch_results import _batch_id, _error_json, _openai_call, _openai_failure
+from client._client import AsyncEndpointClient
+from client._constants import BATCH_MAX_CONCURRENCY, DEFAULT_CONCURRENCY
 from client._exceptions import (
-    APITimeoutError,
     AuthenticationError,
     BatchError,
     ClientClosedError,
     EndpointError,
-    InvalidInputError,
-    InvalidOutputError,
-    OutputTruncatedError,
-    RateLimitError,
-    RequestRejectedError,
     ServerUnavailableError,
 )
 
-InputFormat = Literal["jsonl", "csv", "openai"]
-FORMATS: tuple[str, ...] = ("auto", "jsonl", "csv", "openai")
-OPENAI_URL = "/v1/chat/completions"
-# A record's key: its id as a string or, when it has no usable id, its line number.
-Key = str | int
-# How many lines --format auto reads to tell plain JSONL from an OpenAI Batch file.
-DETECT_LINES = 100
-
-# The most specific class in an error's MRO names its code.
-_ERROR_CODES: dict[type[EndpointError], str] = {
-    InvalidInputError: "invalid_request",
-    AuthenticationError: "authentication_error",
-    RequestRejectedError: "request_rejected",
-    RateLimitError: "rate_limit_exceeded",
-    APITimeoutError: "timeout",
-    ServerUnavailableError: "server_unavailable",
-    OutputTruncatedError: "output_truncated",
-    InvalidOutputError: "invalid_output",
-}
+# The names this module has always offered; the input, output and result-line parts live in
+# _batch_input.py, _batch_output.py and _batch_results.py.
+__all__ = [
+    "DETECT_LINES",
+    "FORMATS",
+    "OPENAI_URL",
+    "BatchConfig",
+    "BatchJob",
+    "InputFormat",
+    "Key",
+    "Record",
+    "Summary",
+    "compact",
+    "detect_format",
+    "iter_records",
+    "load_output",
+    "remove_stale_compactions",
+    "repair_tail",
+    "run_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -167,385 +171,10 @@ class Summary:
         return text
 
 
-@dataclass(frozen=True)
-class Record:
-    """One input record. ``problem`` says why it cannot be sent: it fails without a request."""
-
-    line: int
-    id: str | int | None
-    text: str | None = None
-    body: dict[str, Any] | None = None
-    problem: str | None = None
-
-    @property
-    def key(self) -> Key:
-        return self.line if self.id is None else str(self.id)
-
-
-# -- reading INPUT ---------------------------------------------------------------------------
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """``(line number, text, problem)`` for each non-blank line of a UTF-8 file, read in bounded
-    pieces; a line that is too long, holds NUL bytes or is not UTF-8 comes with a problem instead."""
-    with path.open("rb") as f:
-        number = 0
-        while raw := f.readline(BATCH_MAX_LINE_BYTES + 1):
-            number += 1
-            if len(raw) > BATCH_MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while (rest := f.readline(BATCH_MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                    pass
-                yield number, None, f"line {number}: longer than {BATCH_MAX_LINE_BYTES} bytes"
-                continue
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            if b"\x00" in raw:
-                yield number, None, f"line {number}: contains NUL bytes"
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, None, f"line {number}: not valid UTF-8 (byte offset {exc.start})"
-                continue
-            if text.strip():
-                yield number, text, None
-
-
-def _json_object(number: int, text: str) -> tuple[dict[str, Any] | None, str | None]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, f"line {number}: invalid JSON: {exc.msg} at column {exc.colno}"
-    if not isinstance(value, dict):
-        return None, f"line {number}: expected a JSON object, got {type(value).__name__}"
-    return value, None
-
-
-def _usable_id(value: object) -> bool:
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, str) and bool(value.strip()))
-
-
-def _jsonl_record(number: int, obj: dict[str, Any], id_field: str, text_field: str) -> Record:
-    ident = obj.get(id_field)
-    if not _usable_id(ident):
-        why = "no" if ident is None else "an unusable"
-        return Record(
-            number, None, problem=f"line {number}: {why} {id_field!r} field (a string or an integer)"
-        )
-    text = obj.get(text_field)
-    if not isinstance(text, str):
-        why = f"no {text_field!r} field" if text is None else f"{text_field!r} is not a string"
-        return Record(number, ident, problem=f"line {number}: {why}")
-    return Record(number, ident, text=text)
-
-
-def _openai_record(number: int, obj: dict[str, Any]) -> Record:
-    custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return Record(number, None, problem=f"line {number}: no 'custom_id' string")
-    body = obj.get("body")
-    if obj.get("method") != "POST":
-        problem = "'method' must be POST"
-    elif obj.get("url") != OPENAI_URL:
-        problem = f"'url' must be {OPENAI_URL} (got {obj.get('url')!r})"
-    elif not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        problem = "'body' must be an object with 'messages'"
-    elif body.get("stream"):
-        problem = "streaming requests cannot be batched"
-    elif not _sendable(body):
-        problem = "'body' holds NaN, Infinity or a lone surrogate: it cannot be sent as JSON"
-    else:
-        return Record(number, custom_id, body=body)
-    return Record(number, custom_id, problem=f"line {number}: {problem}")
-
-
-def _sendable(body: dict[str, Any]) -> bool:
-    """Whether httpx can send ``body`` as JSON: Python's decoder takes what its encoder (strict, as
-    httpx uses it) refuses."""
-    try:
-        json.dumps(body, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeEncodeError):
-        return False
-    return True
-
-
-def _json_records(path: Path, fmt: InputFormat, id_field: str, text_field: str) -> Iterator[Record]:
-    for number, text, problem in _lines(path):
-        if text is None:
-            yield Record(number, None, problem=problem)
-            continue
-        obj, problem = _json_object(number, text)
-        if obj is None:
-            yield Record(number, None, problem=problem)
-        elif fmt == "openai":
-            yield _openai_record(number, obj)
-        else:
-            yield _jsonl_record(number, obj, id_field, text_field)
-
-
-def _bad_cell(cell: str) -> str | None:
-    if "\x00" in cell:
-        return "contains NUL bytes"
-    try:
-        cell.encode("utf-8")
-    except UnicodeEncodeError:  # surrogateescape turned undecodable bytes into lone surrogates
-        return "not valid UTF-8"
-    return None
-
-
-def _csv_records(path: Path, id_field: str, text_field: str) -> Iterator[Record]:
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-        except csv.Error as exc:
-            raise BatchError(f"INPUT {path}: unreadable CSV header: {exc}") from None
-        if header is None:
-            return
-        for name in (id_field, text_field):
-            if header.count(name) != 1:
-                how = "no" if name not in header else "more than one"
-                raise BatchError(
-                    f"INPUT {path}: the CSV header has {how} column {name!r} "
-                    f"(columns: {', '.join(header)}); pass --id-field/--text-field"
-                )
-        id_col, text_col = header.index(id_field), header.index(text_field)
-        while True:
-            number = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield Record(number, None, problem=f"line {number}: {exc}")
-                continue
-            if not any(cell.strip() for cell in row):
-                continue
-            ident = row[id_col] if id_col < len(row) else ""
-            why = _bad_cell(ident) if ident.strip() else "is empty"
-            if why is not None:
-                yield Record(number, None, problem=f"line {number}: {id_field!r} {why}")
-            elif text_col >= len(row):
-                yield Record(number, ident, problem=f"line {number}: no {text_field!r} value")
-            elif (why := _bad_cell(row[text_col])) is not None:
-                yield Record(number, ident, problem=f"line {number}: {text_field!r} {why}")
-            else:
-                yield Record(number, ident, text=row[text_col])
-
-
-def detect_format(path: Path, requested: str = "auto") -> InputFormat:
-    """The input format: as given, else ``.csv`` by name, else JSONL or OpenAI Batch by the first
-    JSON object among the first lines."""
-    if requested in ("jsonl", "csv", "openai"):
-        return requested  # type: ignore[return-value]
-    if path.suffix.lower() == ".csv":
-        return "csv"
-    seen = False
-    for number, text, _ in islice(_lines(path), DETECT_LINES):
-        seen = True
-        obj, _ = _json_object(number, text) if text is not None else (None, None)
-        if obj is not None:
-            return "openai" if {"custom_id", "body"} <= obj.keys() else "jsonl"
-    if seen:
-        raise BatchError(
-            f"INPUT {path} does not look like JSONL: none of its first {DETECT_LINES} lines is a JSON "
-            "object; pass --format csv for CSV (or --format jsonl to go on anyway)"
-        )
-    return "jsonl"
-
-
 def iter_records(config: BatchConfig, fmt: InputFormat) -> Iterator[Record]:
     if fmt == "csv":
         return _csv_records(config.input, config.id_field, config.text_field)
     return _json_records(config.input, fmt, config.id_field, config.text_field)
-
-
-# -- OUTPUT: repair, resume state, compaction --------------------------------------------------
-
-
-def _output_key(obj: dict[str, Any], fmt: InputFormat) -> Key | None:
-    ident = obj.get("custom_id") if fmt == "openai" else obj.get("id")
-    if ident is None:
-        line = obj.get("line")
-        return line if isinstance(line, int) and not isinstance(line, bool) else None
-    return str(ident) if _usable_id(ident) else None
-
-
-def _output_ok(obj: dict[str, Any], fmt: InputFormat) -> bool:
-    if fmt == "openai":
-        response = obj.get("response")
-        return obj.get("error") is None and isinstance(response, dict) and response.get("status_code") == 200
-    return obj.get("ok") is True
-
-
-def _parse_output_line(raw: bytes, fmt: InputFormat) -> tuple[Key, bool] | None:
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or ("custom_id" if fmt == "openai" else "ok") not in obj:
-        return None
-    key = _output_key(obj, fmt)
-    return None if key is None else (key, _output_ok(obj, fmt))
-
-
-def repair_tail(path: Path, fmt: InputFormat) -> int:
-    """Cut off what a crash left at the end of OUTPUT: an unterminated last line, or a last line that
-    is not a result (a block of NULs after a power loss). Returns the number of bytes removed."""
-    with path.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        end = _last_newline_end(f, size)
-        if end > 0:
-            start = _last_newline_end(f, end - 1)
-            f.seek(start)
-            if _parse_output_line(f.read(end - start), fmt) is None:
-                end = start
-        if end < size:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-        return size - end
-
-
-def _last_newline_end(f: IO[bytes], end: int) -> int:
-    """The offset just after the last newline before ``end`` (0 when there is none)."""
-    chunk = 1 << 16
-    pos = end
-    while pos > 0:
-        start = max(0, pos - chunk)
-        f.seek(start)
-        found = f.read(pos - start).rfind(b"\n")
-        if found >= 0:
-            return start + found + 1
-        pos = start
-    return 0
-
-
-def load_output(path: Path, fmt: InputFormat) -> tuple[dict[Key, bool], int]:
-    """The latest outcome (ok or not) per key, and how many lines are superseded by later ones."""
-    latest: dict[Key, bool] = {}
-    lines = 0
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            parsed = _parse_output_line(raw, fmt)
-            if parsed is None:
-                kind = "an OpenAI Batch" if fmt == "openai" else "a client batch"
-                raise BatchError(
-                    f"OUTPUT {path} line {number} is not {kind} result line; "
-                    "was it written for another INPUT or format? Move it aside or pick another OUTPUT"
-                )
-            latest[parsed[0]] = parsed[1]
-            lines += 1
-    return latest, lines - len(latest)
-
-
-def _compaction_file(path: Path, pid: int) -> Path:
-    return path.with_name(f".{path.name}.{pid}.compact")
-
-
-def remove_stale_compactions(path: Path) -> list[Path]:
-    """Remove the compaction files of OUTPUT that processes now gone left behind (killed while
-    compacting); a live process's file is never touched. Returns what was removed."""
-    if os.name != "posix":  # no cheap liveness check by pid: leave them
-        return []
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9]+)\.compact")
-    removed = []
-    for entry in path.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match is None or _alive(int(match.group(1))) or not entry.is_file():
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            entry.unlink()
-            removed.append(entry)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
-
-
-def compact(path: Path, fmt: InputFormat, drop: frozenset[Key] = frozenset()) -> None:
-    """Rewrite OUTPUT atomically with only the last line of each key, leaving out ``drop``."""
-    last: dict[Key, int] = {}
-    with path.open("rb") as f:
-        for index, raw in enumerate(f):
-            parsed = _parse_output_line(raw, fmt)
-            if parsed is not None:
-                last[parsed[0]] = index
-    keep = {index for key, index in last.items() if key not in drop}
-    tmp = _compaction_file(path, os.getpid())
-    try:
-        with path.open("rb") as src, tmp.open("wb") as dst:
-            for index, raw in enumerate(src):
-                if index in keep:
-                    dst.write(raw)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _open_locked(path: Path) -> IO[bytes]:
-    """OUTPUT opened for appending, under an exclusive lock, so two jobs never write one file."""
-    f = path.open("ab")
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the user keeps jobs apart
-        return f
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # Another job's compaction may have replaced the file between our open and our lock.
-        if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
-            raise BlockingIOError
-    except BlockingIOError:
-        f.close()
-        raise BatchError(f"OUTPUT {path} is in use by another batch job") from None
-    return f
-
-
-# -- the job ---------------------------------------------------------------------------------
-
-
-def _dumps(obj: dict[str, Any]) -> bytes:
-    # default=str: a value JSON cannot hold (bytes in an error body) must not fail the job.
-    try:
-        return json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a \\ud800 escape in INPUT: keep it escaped
-        return json.dumps(obj, default=str).encode("ascii")
-
-
-def _error_json(exc: EndpointError) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    for name in ("status_code", "request_id", "raw"):
-        value = getattr(exc, name, None)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def _error_code(exc: EndpointError) -> str:
-    return next((_ERROR_CODES[cls] for cls in type(exc).__mro__ if cls in _ERROR_CODES), "error")
 
 
 class BatchJob:
@@ -781,78 +410,6 @@ async def _record_error(client: AsyncEndpointClient, exc: Exception) -> Endpoint
         except Exception:  # it answered, if oddly: the server is there
             pass
     return exc
-
-
-def _batch_id() -> str:
-    return f"batch_req_{uuid.uuid4().hex}"
-
-
-def _openai_failure(record: Record, exc: EndpointError) -> dict[str, Any]:
-    """The Batch API's line for a request that failed; ``response`` where the server answered."""
-    response = None
-    if exc.status_code is not None:
-        response = {"status_code": exc.status_code, "request_id": exc.request_id, "body": exc.body}
-    error = {"code": _error_code(exc), "message": str(exc)}
-    return {"id": _batch_id(), "custom_id": record.id, "response": response, "error": error}
-
-
-def _completion_problem(payload: object) -> str | None:
-    """Why a 2xx body is not a chat completion; None when it is one. Only the shape every reader of
-    the Batch output relies on is checked: the body goes to OUTPUT as the server sent it."""
-    if not isinstance(payload, dict):
-        return f"the answer is JSON {type(payload).__name__}, not a chat completion object"
-    choices = payload.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return "the answer has no choices"
-    for index, choice in enumerate(choices):
-        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
-            return f"the answer's choice {index} has no message"
-    return None
-
-
-async def _openai_call(client: AsyncEndpointClient, record: Record) -> dict[str, Any]:
-    """One OpenAI Batch request, sent as it is; the line the Batch API writes for it. A 2xx that
-    is not a chat completion raises InvalidOutputError."""
-    assert record.body is not None
-    http, payload = await client._post_chat(record.body)
-    problem = _completion_problem(payload)
-    if problem is not None:
-        raise InvalidOutputError(problem, raw=http.text, response=http, body=payload)
-    response = {
-        "status_code": http.status_code,
-        "request_id": http.headers.get("x-request-id"),
-        "body": payload,
-    }
-    return {"id": _batch_id(), "custom_id": record.id, "response": response, "error": None}
-
-
-@dataclass
-class _Writer:
-    """Appends whole lines: one write and a flush per line, so a crash of the process can tear only
-    the last one. The fsync (against a crash of the machine) runs in a thread every
-    BATCH_FSYNC_INTERVAL, so a slow disk does not stall the event loop and the requests in flight."""
-
-    file: IO[bytes]
-    synced: float = field(default_factory=time.monotonic)
-    pending: asyncio.Future[None] | None = None
-
-    def write(self, line: dict[str, Any]) -> None:
-        self.file.write(_dumps(line) + b"\n")
-        self.file.flush()
-        if self.pending is not None and self.pending.done():
-            self.pending.result()  # an fsync that failed fails the job here
-            self.pending = None
-        now = time.monotonic()
-        if self.pending is None and now - self.synced >= BATCH_FSYNC_INTERVAL:
-            self.synced = now
-            self.pending = asyncio.get_running_loop().run_in_executor(None, os.fsync, self.file.fileno())
-
-    async def sync(self) -> None:
-        if self.pending is not None:
-            await self.pending
-            self.pending = None
-        self.file.flush()
-        os.fsync(self.file.fileno())
 
 
 async def run_batch(config: BatchConfig, client: AsyncEndpointClient) -> Summary:

@@ -132,7 +132,7 @@ def test_bad_jsonl_lines_become_problems_and_blank_lines_are_skipped(tmp_path: P
 
 
 def test_overlong_line_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("client.batch.BATCH_MAX_LINE_BYTES", 64)
+    monkeypatch.setattr("client._batch_input.BATCH_MAX_LINE_BYTES", 64)
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x" * 200}, {"id": "b", "text": "short"}])
     records = list(iter_records(BatchConfig(path, tmp_path / "o"), "jsonl"))
     assert [(r.line, r.problem is None) for r in records] == [(1, False), (2, True)]

@@ -33,6 +33,7 @@ from client import (
 )
 from client import _client as impl
 from client._constants import BACKOFF_INITIAL, BACKOFF_MAX, RETRY_AFTER_MAX
+from client._retry import _backoff
 from tests.test_client_unit import VALID, completion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,9 +335,9 @@ def test_backoff_has_a_floor_as_openai_python(headers: dict[str, str], sleeps: l
 def test_backoff_distribution() -> None:
     for n in range(8):
         base = min(BACKOFF_INITIAL * 2**n, BACKOFF_MAX)
-        waits = [impl._backoff(n) for _ in range(2000)]
+        waits = [_backoff(n) for _ in range(2000)]
         assert min(waits) >= 0.75 * base and max(waits) <= base
-    assert impl._backoff(10_000) <= BACKOFF_MAX  # no overflow
+    assert _backoff(10_000) <= BACKOFF_MAX  # no overflow
 
 
 # -- with_options -------------------------------------------------------------------------------
