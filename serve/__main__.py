@@ -9,23 +9,18 @@ import tempfile
 from pathlib import Path
 
 from serve.balancer import BalancerMissing, caddy_binary
-from serve.engines import plan_group, run_group
+from serve.engines import plan_group, run_group, run_one
 from serve.launcher import (
-    STOP_GRACE_S,
     LaunchError,
     ServerProcess,
     check_kv_cache_fits,
     check_passthrough,
     check_port_free,
-    local_url,
     on_cpu,
     prepare_model,
     server_env,
-    vllm_argv,
-    vllm_server_argv,
 )
 from serve.settings import ServeSettings, parse_settings
-from serve.supervisor import Supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.extract is not None:
             return _extract_once(settings, passthrough)
-        check_passthrough(passthrough)
+        check_passthrough(passthrough, settings)
         check_port_free(settings.host, settings.port)
         if isinstance(settings.engines, int) and settings.engines > 1:
             caddy_binary()  # before a long model build, not after
@@ -48,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, BalancerMissing) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    root = local_url(settings.host, settings.port)
     env["ENDPOINT_DRAIN_FLAG"] = drain_flag = os.path.join(
         tempfile.gettempdir(), f"endpoint-serve-{os.getpid()}.draining"
     )
@@ -58,16 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         except LaunchError as exc:
             print(f"serve: error: {exc}", file=sys.stderr)
             return 1
-    supervisor = Supervisor(
-        [*vllm_server_argv(), *vllm_argv(settings, model, passthrough)],
-        env,
-        health_url=root + "/health",
-        base_url=root + "/v1",
-        startup_timeout=settings.startup_timeout,
-        stop_timeout=settings.shutdown_timeout + STOP_GRACE_S,
-        drain_flag=Path(drain_flag),
-    )
-    return supervisor.run()
+    return run_one(settings, model, passthrough, env, Path(drain_flag))
 
 
 def _extract_once(settings: ServeSettings, passthrough: list[str]) -> int:
