@@ -40,6 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
+STEER_FROM_PROMPT_ENV = "STEER_FROM_PROMPT"  # benchmarks/steer.py; not imported: it needs torch
 POINT_KEYS = (
     "mode", "concurrency", "requests", "errors", "valid", "steer_exact", "output_tokens_per_s",
     "extractions_per_s", "requests_per_s", "latency_p50_s", "latency_p99_s", "tokens_per_extraction",
@@ -128,11 +129,14 @@ class Server:
             *args.serve_args,
         ]  # fmt: skip
         self.root = f"http://127.0.0.1:{args.port}"
+        self.steer_from_prompt = args.steer if args.steer_from_prompt else None
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        if self.steer_from_prompt:
+            env[STEER_FROM_PROMPT_ENV] = self.steer_from_prompt
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 self.argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
@@ -184,6 +188,8 @@ def throughput_argv(args: argparse.Namespace, config: Config, out: Path) -> list
     ]  # fmt: skip
     if args.api_key:
         argv += ["--api-key", args.api_key]
+    if args.steer_from_prompt:
+        argv.append("--steer-from-prompt")
     return argv
 
 
@@ -283,6 +289,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp", type=float, default=3.0)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steer", default="spaced", help="throughput.py --steer (none on an unsteered server)")
+    p.add_argument(
+        "--steer-from-prompt",
+        action="store_true",
+        help="the server steers by prompt (STEER_FROM_PROMPT), so guided requests go through the "
+        "schema policy as users' do; without it they carry vllm_xargs (needs --schema-policy off)",
+    )
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="if serve_args set a key (ENDPOINT_API_KEY)")

@@ -8,12 +8,17 @@ grammar mask is applied before this processor (a masked token stays at -inf, so 
 decides), and every request pays the same per-step cost whether guided or free.
 
 Served with ``--logits-processors benchmarks.steer:SteerToText``; a request opts in with
-``{"vllm_xargs": {"steer_text": "<the answer>"}}``. ``HFSteer`` does the same for transformers'
-``generate`` (the seed baseline).
+``{"vllm_xargs": {"steer_text": "<the answer>"}}``. The product's schema policy refuses
+``vllm_xargs`` on guided requests (a custom processor runs after the grammar mask), so to measure
+the path users get the server can instead steer by prompt: with ``STEER_FROM_PROMPT=minimal`` (a
+``workload.STYLES`` name) in its environment, a request without ``steer_text`` whose prompt holds a
+gold text is steered to that text's gold answer in that style, and no request parameter is needed.
+``HFSteer`` does the same for transformers' ``generate`` (the seed baseline).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +27,7 @@ STEER_KEY = "steer_text"
 # Random-weight logits are within a few units of each other; this makes the target the argmax of
 # whatever the grammar allows.
 STEER_BIAS = 1.0e4
+STEER_FROM_PROMPT_ENV = "STEER_FROM_PROMPT"
 
 try:  # vLLM is only present where the server runs.
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -38,6 +44,21 @@ def _eos_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def gold_targets(style: str) -> list[tuple[str, str]]:
+    """(gold text, its answer in ``style``), longest text first, so a text that holds another
+    is matched before it."""
+    from benchmarks.workload import GOLD, STYLES, load
+
+    if style not in STYLES:
+        raise ValueError(f"{STEER_FROM_PROMPT_ENV}={style!r}: expected one of {', '.join(STYLES)}")
+    pairs = [(i.text, STYLES[style](i.expected)) for i in load(GOLD) if i.expected is not None]
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
+def target_for_prompt(prompt: str, targets: list[tuple[str, str]]) -> str | None:
+    return next((answer for text, answer in targets if text in prompt), None)
+
+
 class SteerToText(LogitsProcessor):  # type: ignore[misc,valid-type]
     """vLLM v1 logits processor: for requests carrying ``steer_text``, bias the next token of
     that text (tokenized once, when the request joins the batch), then EOS."""
@@ -51,6 +72,8 @@ class SteerToText(LogitsProcessor):  # type: ignore[misc,valid-type]
         self.pin_memory = is_pin_memory
         # batch index -> (target token ids ending in EOS, the request's live output token list)
         self.entries: dict[int, tuple[list[int], list[int]]] = {}
+        style = os.environ.get(STEER_FROM_PROMPT_ENV)
+        self.by_prompt = gold_targets(style) if style else []
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
@@ -62,9 +85,11 @@ class SteerToText(LogitsProcessor):  # type: ignore[misc,valid-type]
         return False
 
     def _new_state(
-        self, params: SamplingParams, _prompt: list[int] | None, output: list[int]
+        self, params: SamplingParams, prompt: list[int] | None, output: list[int]
     ) -> tuple[list[int], list[int]] | None:
         text = (params.extra_args or {}).get(STEER_KEY)
+        if text is None and self.by_prompt and prompt:
+            text = target_for_prompt(self.tokenizer.decode(prompt), self.by_prompt)
         if text is None:
             return None
         return self.tokenizer.encode(text, add_special_tokens=False) + [self.eos], output

@@ -24,7 +24,9 @@ server configurations is a shell loop (BENCHMARKS.md).
 
 ``--steer spaced|minimal|pretty`` (benchmark stand-in only) asks a random-weight server started with
 ``--logits-processors benchmarks.steer:SteerToText`` to produce the gold answer for each text, so
-outputs have the real model's shape and length; it draws texts from the gold set.
+outputs have the real model's shape and length; it draws texts from the gold set. It asks through
+``vllm_xargs``, which the schema policy refuses on guided requests; ``--steer-from-prompt`` sends
+none, for a server started with ``STEER_FROM_PROMPT=STYLE`` (``steer.py``).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def request_body(args: argparse.Namespace, item: Item, guided: bool, max_tokens:
     }
     if not guided:
         body["ignore_eos"] = True
-    if args.steer != "none":
+    if args.steer != "none" and not args.steer_from_prompt:
         body["vllm_xargs"] = {"steer_text": target_text(args.steer, item)}
     if args.stream:
         body["stream"] = True
@@ -417,6 +419,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steer a random-weight server to the gold answers in this JSON style (xgrammar "
         "without whitespace: spaced; guidance without whitespace: minimal; free whitespace: pretty)",
     )
+    p.add_argument(
+        "--steer-from-prompt",
+        action="store_true",
+        help="with --steer: send no vllm_xargs, the server steers by prompt (STEER_FROM_PROMPT=STYLE "
+        "in its environment), so requests pass the product's schema policy unchanged",
+    )
     p.add_argument("--stream", action="store_true", help="stream, to measure time to first token")
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests before the sweep (0: none)")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
@@ -430,6 +438,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--requests-per-worker, --min-requests and --max-tokens must be positive")
     if args.duration < 0 or args.ramp < 0:
         p.error("--duration and --ramp cannot be negative")
+    if args.steer_from_prompt and args.steer == "none":
+        p.error("--steer-from-prompt needs --steer STYLE (the style the server steers to)")
     return args
 
 

@@ -1,7 +1,8 @@
 """Several vLLM engines behind one URL: how many, where each runs (cores, GPU memory share, CUDA
 MPS), and the command and environment of each. Each engine is a plain ``python -m serve`` engine
 (vLLM's OpenAI server with this project's middleware and flags) on a loopback port; the balancer
-(serve/balancer.py) is the one URL, and serve/supervisor.py's EngineGroup runs them all.
+(serve/balancer.py) is the one URL, and serve/supervisor.py's EngineGroup runs them all. One
+engine (``run_one``) is the same group without a balancer, on ``--host``/``--port`` itself.
 
 Why several: one engine cannot keep an H200 busy with a model this small; its Python loop is the
 limit (BENCHMARKS.md). Four engines with CUDA MPS gave twice one engine's extractions/s.
@@ -212,15 +213,32 @@ def check_multi_passthrough(passthrough: Sequence[str]) -> None:
             )
 
 
-def check_memory_fits(machine: Machine, count: int, kv_gib: int) -> None:
-    """On CPU: every engine allocates its own KV cache (VLLM_CPU_KVCACHE_SPACE), all at once."""
+def check_memory_fits(
+    machine: Machine, count: int, kv_gib: int, model_bytes: int | None = None, share: float = VLLM_DEFAULT_GPU_SHARE
+) -> None:
+    """CPU: every engine allocates its own KV cache (VLLM_CPU_KVCACHE_SPACE), all at once. GPU:
+    every engine's memory share must hold its weights and the overhead beside them, or vLLM finds
+    no memory for a KV cache minutes into start-up (four E4B engines on an 80 GB H100, 2026-12-07)."""
+    gib = 2**30
     if machine.gpu:
+        if not (machine.gpu_memory_bytes and model_bytes):
+            return
+        each = share * machine.gpu_memory_bytes / count
+        need = model_bytes + GPU_ENGINE_OVERHEAD_GIB * gib
+        if each < need:
+            fit = int(share * machine.gpu_memory_bytes // need)
+            raise LaunchError(
+                f"{count} engines get {each / gib:.1f} GiB each ({GPU_MEMORY_FLAG} {share:g} of "
+                f"{machine.gpu_memory_bytes / gib:.0f} GiB) and each needs {need / gib:.1f} "
+                f"({model_bytes / gib:.1f} GiB of weights + {GPU_ENGINE_OVERHEAD_GIB:g}); "
+                + (f"use --engines {fit} or fewer" if fit >= 1 else "the model fits one engine at most")
+            )
         return
-    need = count * kv_gib * 2**30
+    need = count * kv_gib * gib
     if need > machine.available_memory_bytes:
         raise LaunchError(
             f"{count} engines x {kv_gib} GiB of KV cache ({KV_CACHE_ENV}, per engine) do not fit in the "
-            f"{machine.available_memory_bytes / 2**30:.1f} GiB of memory available; lower --engines or "
+            f"{machine.available_memory_bytes / gib:.1f} GiB of memory available; lower --engines or "
             "--cpu-kvcache-gib"
         )
 
@@ -353,7 +371,7 @@ def plan_group(
         _say("--engines auto: 1 engine")
         return None
     caddy = caddy_binary()
-    check_memory_fits(machine, count, settings.cpu_kvcache_gib)
+    check_memory_fits(machine, count, settings.cpu_kvcache_gib, weights_bytes(model), gpu_share(passthrough))
     control = shutil.which(MPS_CONTROL)
     mps = choose_mps(settings.mps, machine.gpu, env, control)
     ports = free_ports(count, avoid=[settings.port])
@@ -366,6 +384,28 @@ def plan_group(
         + f"; CUDA MPS: {mps.reason}; balancer: {caddy}"
     )
     return GroupPlan(specs, mps, control, caddy)
+
+
+def run_one(
+    settings: ServeSettings, model: str, passthrough: list[str], env: Mapping[str, str], drain_flag: Path
+) -> int:
+    from serve.launcher import STOP_GRACE_S, local_url
+    from serve.supervisor import Child, EngineGroup
+
+    root = local_url(settings.host, settings.port)
+    argv = [*vllm_server_argv(), *vllm_argv(settings, model, passthrough)]
+    engine = Child("vLLM", argv, {**env, "ENDPOINT_DRAIN_FLAG": str(drain_flag)})
+    group = EngineGroup(
+        [engine],
+        [root + "/health"],
+        None,
+        health_url=root + "/health",
+        base_url=root + "/v1",
+        startup_timeout=settings.startup_timeout,
+        stop_timeout=settings.shutdown_timeout + STOP_GRACE_S,
+        drain_flag=drain_flag,
+    )
+    return group.run()
 
 
 def run_group(settings: ServeSettings, plan: GroupPlan, env: Mapping[str, str], drain_flag: Path) -> int:

@@ -58,9 +58,11 @@ def _given(flag: str, passthrough: list[str]) -> bool:
 _VLLM_SERVE_ONLY = ("--headless", "--api-server-count", "-asc")
 
 
-def check_passthrough(passthrough: list[str]) -> None:
+def check_passthrough(passthrough: list[str], settings: ServeSettings) -> None:
     """Refuse vLLM flags that would be silently ignored: data parallelism itself
     (``--data-parallel-*``) passes through, the multi-process launch around it does not."""
+    if settings.draft != "off" and _given("--speculative-config", passthrough):
+        raise LaunchError("--draft and vLLM's --speculative-config both choose a drafter; give one")
     for flag in _VLLM_SERVE_ONLY:
         if _given(flag, passthrough):
             raise LaunchError(
@@ -132,10 +134,19 @@ def vllm_argv(settings: ServeSettings, model: str, passthrough: list[str]) -> li
         "--enable-request-id-headers",
         "--shutdown-timeout", str(settings.shutdown_timeout),
     ]  # fmt: skip
+    if settings.draft != "off":
+        argv += ["--speculative-config", json.dumps(speculative_config(settings))]
     if settings.demo and not _given("--dtype", passthrough):
         # vLLM's "auto" turns an fp32 checkpoint into bf16; the demo is merged in fp32 on purpose.
         argv += ["--dtype", "float32" if on_cpu() else "bfloat16"]
     return argv + passthrough
+
+
+def speculative_config(settings: ServeSettings) -> dict[str, object]:
+    """vLLM's --speculative-config for --draft (lookup lengths as measured in BENCHMARKS.md)."""
+    if settings.draft == "grammar":
+        return {"method": "custom_class", "model": "serve.draft.GrammarDrafter", "num_speculative_tokens": settings.draft_tokens}
+    return {"method": "ngram", "num_speculative_tokens": settings.draft_tokens, "prompt_lookup_max": 5, "prompt_lookup_min": 2}
 
 
 def server_env(settings: ServeSettings) -> dict[str, str]:

@@ -109,6 +109,14 @@ class ServeSettings(BaseSettings):
         "on", description="with several engines, give each its own disjoint share of the cores"
     )
 
+    # Speculative decoding under the grammar (serve/draft.py): the same answers in fewer steps.
+    draft: Literal["off", "grammar", "ngram"] = Field(
+        "off",
+        description="draft tokens for speculative decoding: grammar (what the endpoint grammar "
+        "forces, then prompt lookup), ngram (vLLM's prompt lookup) or off",
+    )
+    draft_tokens: int = Field(4, ge=1, le=16, description="tokens drafted per step with --draft")
+
     @field_validator("engines", mode="before")
     @classmethod
     def _engine_count(cls, engines: object) -> object:

@@ -269,3 +269,20 @@ def test_the_grammar_is_used_only_where_it_means_what_the_settings_say(tmp_path:
     for backend in ("guidance", "outlines", "auto"):
         settings = ServeSettings(demo=True, demo_dir=tmp_path, structured_backend=backend)
         assert not compact_grammar_applies(server_env(settings))
+
+
+def test_gpu_engines_whose_share_cannot_hold_the_weights_are_refused_before_start_up() -> None:
+    # Measured: four E4B engines (15.3 GiB of weights) on an 80 GB H100 found no memory for a KV
+    # cache after minutes of start-up; three fit, and so do four on an H200.
+    h100 = Machine(cores=tuple(range(16)), gpu=True, gpu_memory_bytes=80 * GIB)
+    weights = int(15.3 * GIB)
+    with pytest.raises(LaunchError, match=r"4 engines get 18\.0 GiB each .* use --engines 3 or fewer"):
+        check_memory_fits(h100, 4, 0, weights)
+    check_memory_fits(h100, 3, 0, weights)
+    check_memory_fits(H200, 4, 0, weights)
+    check_memory_fits(h100, 8, 0, None)  # weights unknown (a hub id, dummy weights): vLLM decides
+    with pytest.raises(LaunchError, match="fits one engine at most"):
+        check_memory_fits(h100, 2, 0, 70 * GIB)
+    # The share is the one asked for: less of the GPU does not hold three.
+    with pytest.raises(LaunchError, match="use --engines 2 or fewer"):
+        check_memory_fits(h100, 3, 0, weights, share=0.7)

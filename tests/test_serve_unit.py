@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -211,7 +212,7 @@ def test_data_parallel_flags_reach_vllm_unchanged(tmp_path: Path) -> None:
 
     settings, passthrough = parse_settings(["--model", str(tmp_path), *DATA_PARALLEL, "--port", "9000"])
     assert passthrough == DATA_PARALLEL and settings.port == 9000
-    check_passthrough(passthrough)
+    check_passthrough(passthrough, settings)
     argv = vllm_argv(settings, str(tmp_path), passthrough)
     engine = AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(argv))
     assert (engine.data_parallel_size, engine.data_parallel_size_local) == (4, 2)
@@ -229,7 +230,7 @@ def test_data_parallel_flags_reach_vllm_unchanged(tmp_path: Path) -> None:
 @pytest.mark.parametrize("flag", [["--headless"], ["--api-server-count", "2"], ["-asc=2"]])
 def test_vllm_serve_only_flags_are_refused_not_ignored(flag: list[str]) -> None:
     with pytest.raises(LaunchError, match=r"is a `vllm serve` option"):
-        check_passthrough(["-dp", "2", *flag])
+        check_passthrough(["-dp", "2", *flag], ServeSettings(demo=True))
 
 
 @pytest.mark.parametrize(
@@ -301,3 +302,180 @@ def test_idle_connections_are_kept_longer_than_a_balancer_keeps_them() -> None:
         with pytest.raises(SystemExit) as exc:
             parse_settings(["--demo", "--keep-alive", bad])
         assert str(exc.value).startswith("serve: error: ") and "--keep-alive" in str(exc.value)
+
+
+# -- the lifecycle (serve/supervisor.py's EngineGroup), with stand-in processes -------------------
+
+# Stands in for an engine (or the balancer) only to drive the supervisor's rules. Each start follows
+# the next step of its plan: "fail:C" exits C before serving; "die:C" answers /health once, then
+# exits C; "serve" answers /health (503 once the drain flag exists) and, on SIGTERM, writes whether
+# the flag existed and exits 0.
+STAND_IN = """
+import http.server, os, signal, sys, threading, time
+from pathlib import Path
+port, plan, record = int(sys.argv[1]), sys.argv[2].split(","), Path(sys.argv[3])
+with record.open("a") as f:
+    f.write("start\\n")
+starts = record.read_text().count("start")
+step, _, code = plan[min(starts, len(plan)) - 1].partition(":")
+flag = Path(os.environ["ENDPOINT_DRAIN_FLAG"])
+if step == "fail":
+    print("ValueError: no such model", file=sys.stderr, flush=True)
+    sys.exit(int(code))
+
+def on_term(*_):
+    with record.open("a") as f:
+        f.write(f"drained={flag.exists()}\\n")
+    os._exit(0)
+
+def die():
+    time.sleep(0.3)
+    print("RuntimeError: engine core died", file=sys.stderr, flush=True)
+    os._exit(int(code))
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503 if flag.exists() else 200)
+        self.end_headers()
+        if step == "die":
+            threading.Thread(target=die).start()
+
+    def log_message(self, *args):
+        pass
+
+signal.signal(signal.SIGTERM, on_term)
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+from serve.supervisor import Child, EngineGroup
+stand_in, plans, records, ports, flag = json.loads(sys.argv[1])
+def child(name, port, plan, record):
+    env = {"ENDPOINT_DRAIN_FLAG": flag, "PATH": ""}
+    return Child(name, [sys.executable, stand_in, str(port), plan, record], env)
+root = f"http://127.0.0.1:{ports[-1]}"
+several = len(plans) > 1
+engines = [child(f"engine {i}" if several else "vLLM", ports[i], p, records[i]) for i, p in enumerate(plans)]
+balancer = child("the balancer", ports[-1], "serve", records[-1]) if several else None
+urls = [f"http://127.0.0.1:{port}/health" for port in ports[: len(plans)]]
+group = EngineGroup(engines, urls, balancer, health_url=root + "/health", base_url=root + "/v1",
+                    startup_timeout=60, stop_timeout=30, drain_flag=Path(flag))
+sys.exit(group.run())
+"""
+
+
+class Lifecycle:
+    """The driver in a process of its own (the group installs signal handlers), its stand-ins'
+    records, and what it wrote to stderr."""
+
+    def __init__(self, tmp_path: Path, plans: list[str]) -> None:
+        from tests.conftest import free_port
+
+        (tmp_path / "stand_in.py").write_text(STAND_IN)
+        count = len(plans) + (len(plans) > 1)  # and the balancer
+        self.records = [tmp_path / f"record-{i}" for i in range(count)]
+        ports = [free_port() for _ in range(count)]
+        self.root = f"http://127.0.0.1:{ports[-1]}"
+        spec = [str(tmp_path / "stand_in.py"), plans, [str(r) for r in self.records], ports]
+        spec.append(str(tmp_path / "draining"))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, json.dumps(spec)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if text in line:
+                return
+        raise AssertionError(f"{text!r} never came: {self.lines}")
+
+    def end(self) -> int:
+        _, rest = self.process.communicate(timeout=60)
+        self.lines += rest.splitlines()
+        return self.process.returncode
+
+    def record(self, i: int) -> list[str]:
+        return self.records[i].read_text().splitlines()
+
+
+@pytest.mark.parametrize(("code", "status"), [(0, 1), (3, 3)])
+def test_one_engine_that_dies_after_start_up_is_not_restarted_and_its_code_passes_through(
+    tmp_path: Path, code: int, status: int
+) -> None:
+    run = Lifecycle(tmp_path, [f"die:{code}"])
+    assert run.end() == status  # vLLM's 0 (its engine died) must not pass for a clean stop
+    assert [line for line in run.lines if line.startswith("serve: ")] == [
+        f"serve: ready: {run.root}/v1",
+        f"serve: error: vLLM exited with code {code} unexpectedly: RuntimeError: engine core died",
+    ]
+    assert run.record(0) == ["start"]  # the process manager restarts serve, not serve vLLM
+
+
+def test_a_start_up_failure_stops_everything_with_the_engines_code(tmp_path: Path) -> None:
+    run = Lifecycle(tmp_path, ["fail:2"])
+    assert run.end() == 2
+    assert run.lines[-1] == "serve: error: vLLM exited with code 2 during start-up: ValueError: no such model"
+    (tmp_path / "two").mkdir()
+    run = Lifecycle(tmp_path / "two", ["serve", "fail:2"])
+    assert run.end() == 2
+    assert (
+        run.lines[-1]
+        == "serve: error: engine 1 exited with code 2 during start-up: ValueError: no such model"
+    )
+    assert run.record(0) == ["start", "drained=True"] and not run.records[2].exists()  # no balancer
+
+
+@pytest.mark.parametrize("engines", [1, 2])
+def test_sigterm_drains_every_engine_and_their_code_is_serves(tmp_path: Path, engines: int) -> None:
+    plans = ["serve"] if engines == 1 else ["serve", "die:0,serve"]
+    run = Lifecycle(tmp_path, plans)
+    run.wait_for("serve: ready:")
+    if engines == 2:
+        assert run.lines[-1].endswith("/v1 (2 engines)")
+        run.wait_for("1 of 2 engines serve while it restarts (1 of 3)")
+        run.wait_for("serve: engine 1 is back")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.end() == 0
+    for i in range(engines):  # the flag was there before the engine got the signal
+        assert run.record(i)[-1] == "drained=True"
+    if engines == 2:
+        assert run.record(1) == ["start", "start", "drained=True"]
+        assert run.record(2)[-1] == "drained=True"  # the balancer, stopped last
+    assert not any("error" in line for line in run.lines if "restarts" not in line)
+
+
+@pytest.mark.parametrize(
+    ("draft", "method"), [("grammar", "custom_class"), ("ngram", "ngram")]
+)
+def test_draft_reaches_vllm_as_its_speculative_config(tmp_path: Path, draft: str, method: str) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    settings, passthrough = parse_settings(["--model", str(tmp_path), "--draft", draft, "--draft-tokens", "3"])
+    check_passthrough(passthrough, settings)
+    argv = vllm_argv(settings, str(tmp_path), passthrough)
+    spec = AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(argv)).speculative_config
+    assert spec is not None and spec["method"] == method and spec["num_speculative_tokens"] == 3
+    if draft == "grammar":
+        assert spec["model"] == "serve.draft.GrammarDrafter"
+    plain = vllm_argv(ServeSettings(model=str(tmp_path)), str(tmp_path), [])
+    assert "--speculative-config" not in plain
+
+
+def test_draft_and_a_passthrough_speculative_config_are_refused_together(tmp_path: Path) -> None:
+    settings, passthrough = parse_settings(
+        ["--model", str(tmp_path), "--draft", "grammar", "--speculative-config", '{"method": "ngram"}']
+    )
+    with pytest.raises(LaunchError, match="--draft and vLLM's --speculative-config both choose a drafter"):
+        check_passthrough(passthrough, settings)
+    # Without --draft, vLLM's own flag passes through as before.
+    settings, passthrough = parse_settings(["--model", str(tmp_path), "--speculative-config", "{}"])
+    check_passthrough(passthrough, settings)
