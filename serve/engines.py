@@ -20,8 +20,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.launcher import KV_CACHE_ENV, LaunchError, vllm_argv, vllm_server_argv
+from serve.launcher import KV_CACHE_ENV, STOP_GRACE_S, LaunchError, local_url, vllm_argv, vllm_server_argv
 from serve.settings import ServeSettings
+from serve.supervisor import Child, EngineGroup
 
 GPU_MEMORY_FLAG = "--gpu-memory-utilization"
 VLLM_DEFAULT_GPU_SHARE = 0.9
@@ -167,12 +168,10 @@ def auto_engine_count(machine: Machine, model_bytes: int | None, kv_gib: int, sh
 
 
 def resolve_engine_count(
-    settings: ServeSettings, machine: Machine, model: str, passthrough: Sequence[str]
+    settings: ServeSettings, machine: Machine, model_bytes: int | None, share: float
 ) -> int:
     if settings.engines == "auto":
-        return auto_engine_count(
-            machine, weights_bytes(model), settings.cpu_kvcache_gib, gpu_share(passthrough)
-        )
+        return auto_engine_count(machine, model_bytes, settings.cpu_kvcache_gib, share)
     assert isinstance(settings.engines, int)
     return settings.engines
 
@@ -214,7 +213,11 @@ def check_multi_passthrough(passthrough: Sequence[str]) -> None:
 
 
 def check_memory_fits(
-    machine: Machine, count: int, kv_gib: int, model_bytes: int | None = None, share: float = VLLM_DEFAULT_GPU_SHARE
+    machine: Machine,
+    count: int,
+    kv_gib: int,
+    model_bytes: int | None = None,
+    share: float = VLLM_DEFAULT_GPU_SHARE,
 ) -> None:
     """CPU: every engine allocates its own KV cache (VLLM_CPU_KVCACHE_SPACE), all at once. GPU:
     every engine's memory share must hold its weights and the overhead beside them, or vLLM finds
@@ -366,12 +369,13 @@ def plan_group(
     from serve.balancer import caddy_binary
 
     machine = read_machine()
-    count = resolve_engine_count(settings, machine, model, passthrough)
+    model_bytes, share = weights_bytes(model), gpu_share(passthrough)
+    count = resolve_engine_count(settings, machine, model_bytes, share)
     if count == 1:
         _say("--engines auto: 1 engine")
         return None
     caddy = caddy_binary()
-    check_memory_fits(machine, count, settings.cpu_kvcache_gib, weights_bytes(model), gpu_share(passthrough))
+    check_memory_fits(machine, count, settings.cpu_kvcache_gib, model_bytes, share)
     control = shutil.which(MPS_CONTROL)
     mps = choose_mps(settings.mps, machine.gpu, env, control)
     ports = free_ports(count, avoid=[settings.port])
@@ -389,16 +393,25 @@ def plan_group(
 def run_one(
     settings: ServeSettings, model: str, passthrough: list[str], env: Mapping[str, str], drain_flag: Path
 ) -> int:
-    from serve.launcher import STOP_GRACE_S, local_url
-    from serve.supervisor import Child, EngineGroup
-
     root = local_url(settings.host, settings.port)
     argv = [*vllm_server_argv(), *vllm_argv(settings, model, passthrough)]
     engine = Child("vLLM", argv, {**env, "ENDPOINT_DRAIN_FLAG": str(drain_flag)})
+    return _run_engines(settings, [engine], [root + "/health"], None, drain_flag)
+
+
+def _run_engines(
+    settings: ServeSettings,
+    engines: list[Child],
+    health_urls: list[str],
+    balancer: Child | None,
+    drain_flag: Path,
+) -> int:
+    """Serve until stopped: the one lifecycle of one engine and of several."""
+    root = local_url(settings.host, settings.port)
     group = EngineGroup(
-        [engine],
-        [root + "/health"],
-        None,
+        engines,
+        health_urls,
+        balancer,
         health_url=root + "/health",
         base_url=root + "/v1",
         startup_timeout=settings.startup_timeout,
@@ -410,10 +423,7 @@ def run_one(
 
 def run_group(settings: ServeSettings, plan: GroupPlan, env: Mapping[str, str], drain_flag: Path) -> int:
     from serve.balancer import caddy_argv, caddyfile
-    from serve.launcher import STOP_GRACE_S, local_url
-    from serve.supervisor import Child, EngineGroup
 
-    root = local_url(settings.host, settings.port)
     work = Path(tempfile.mkdtemp(prefix="endpoint-serve-balancer-"))
     try:
         config = work / "Caddyfile"
@@ -438,17 +448,8 @@ def run_group(settings: ServeSettings, plan: GroupPlan, env: Mapping[str, str], 
                 )
                 for s in plan.specs
             ]
-            group = EngineGroup(
-                engines,
-                [s.root_url + "/health" for s in plan.specs],
-                balancer,
-                health_url=root + "/health",
-                base_url=root + "/v1",
-                startup_timeout=settings.startup_timeout,
-                stop_timeout=settings.shutdown_timeout + STOP_GRACE_S,
-                drain_flag=drain_flag,
-            )
-            return group.run()
+            health_urls = [s.root_url + "/health" for s in plan.specs]
+            return _run_engines(settings, engines, health_urls, balancer, drain_flag)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
