@@ -10,9 +10,10 @@ is ``client._pool``'s; when to retry and how long to wait, ``client._retry``'s.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -274,6 +275,20 @@ class _BaseClient:
             )
         return response
 
+    @contextlib.contextmanager
+    def _translated(self, call: _Call) -> Iterator[None]:
+        """Whatever one request's retry loop raises comes out as an EndpointError: the last
+        attempt's failure once retries are spent, any other failure translated, ours unchanged."""
+        try:
+            yield
+        except RetryError as exc:
+            last = exc.last_attempt.exception() or exc
+            raise self._fail(last, call) from last
+        except EndpointError:
+            raise
+        except Exception as exc:
+            raise self._fail(exc, call) from exc
+
     def _fail(self, exc: BaseException, call: _Call) -> EndpointError:
         """The error a caller gets for the last attempt's failure (raised ``from`` it); its message
         never holds the API key, whatever the text it was built from quoted."""
@@ -358,20 +373,13 @@ class _SyncAPIClient(_BaseClient):
         assert isinstance(http, httpx.Client)
         call = _Call(set())
         o = self._options
-        try:
+        with self._translated(call):
             for attempt in Retrying(**_retry_kwargs(self._shared.pool, call, o.max_retries)):
                 with attempt, self._shared.pool.use(call) as server:
                     response = http.request(
                         method, server.url + path, json=body, headers=o.headers, timeout=o.timeout
                     )
                     self._checked_status(response)
-        except RetryError as exc:
-            last = exc.last_attempt.exception() or exc
-            raise self._fail(last, call) from last
-        except EndpointError:
-            raise
-        except Exception as exc:
-            raise self._fail(exc, call) from exc
         return response
 
 
@@ -393,18 +401,11 @@ class _AsyncAPIClient(_BaseClient):
         assert isinstance(http, httpx.AsyncClient)
         call = _Call(set())
         o = self._options
-        try:
+        with self._translated(call):
             async for attempt in AsyncRetrying(**_retry_kwargs(self._shared.pool, call, o.max_retries)):
                 with attempt, self._shared.pool.use(call) as server:
                     response = await http.request(
                         method, server.url + path, json=body, headers=o.headers, timeout=o.timeout
                     )
                     self._checked_status(response)
-        except RetryError as exc:
-            last = exc.last_attempt.exception() or exc
-            raise self._fail(last, call) from last
-        except EndpointError:
-            raise
-        except Exception as exc:
-            raise self._fail(exc, call) from exc
         return response
