@@ -308,17 +308,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """When, where and on what a campaign ran: the head of every results file."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cores": len(os.sched_getaffinity(0)),
+        "model": "demo" if args.demo else args.model,
+        "serve_args": args.serve_args,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.work or args.out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "meta": {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cores": len(os.sched_getaffinity(0)),
-            "model": "demo" if args.demo else args.model,
-            "serve_args": args.serve_args,
+            **run_meta(args),
             "args": {k: v for k, v in vars(args).items() if k not in ("configs", "work", "out")},
             "configs": [c.label for c in args.configs],
         },

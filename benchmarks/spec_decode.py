@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -41,7 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.engines import POINT_KEYS, STEER_FROM_PROMPT_ENV, Config, Server, write  # noqa: E402
+from benchmarks.engines import POINT_KEYS, STEER_FROM_PROMPT_ENV, Config, Server, run_meta, write  # noqa: E402
 from benchmarks.workload import GOLD, STYLES, load  # noqa: E402
 from client.prompt import build_messages  # noqa: E402
 
@@ -224,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "meta": {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cores": len(os.sched_getaffinity(0)),
-            "model": "demo" if args.demo else args.model,
-            "serve_args": args.serve_args,
+            **run_meta(args),
             "steering": [*STEERING, f"{STEER_FROM_PROMPT_ENV}={args.steer}"],
             "variants": [{"name": n, "engines": e, "args": a} for n, e, a in args.variant],
         },
