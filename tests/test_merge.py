@@ -186,7 +186,30 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
             "not a safetensors file",
         ),
         "rank-not-a-number": (_adapter_copy(demo.adapter, tmp / "rstr", config={"r": "16"}), "not a number"),
+        "fan-in-fan-out": (
+            _adapter_copy(demo.adapter, tmp / "conv1d", config={"fan_in_fan_out": True}),
+            "fan_in_fan_out=true",
+        ),
+        **{
+            f"{what}-in-lora-{half}": (
+                _adapter_copy(demo.adapter, tmp / f"{what}{half}", tensors=_poisoned(lora, half, value)),
+                f"adapter tensor '{_POISONED.format(half)}' holds 1 NaN or infinite values",
+            )
+            for what, value in (("nan", float("nan")), ("inf", float("inf")))
+            for half in ("A", "B")
+        },
     }
+
+
+# The tensor _poisoned puts one non-finite value in.
+_POISONED = "base_model.model.model.language_model.layers.1.mlp.down_proj.lora_{}.weight"
+
+
+def _poisoned(lora: dict[str, torch.Tensor], half: str, value: float) -> dict[str, torch.Tensor]:
+    key = _POISONED.format(half)
+    tensor = lora[key].clone()
+    tensor[0, -1] = value
+    return {**lora, key: tensor}
 
 
 def _broken(src: Path, dst: Path, name: str, content: bytes) -> Path:
@@ -222,6 +245,11 @@ def _broken(src: Path, dst: Path, name: str, content: bytes) -> Path:
         "config-not-object",
         "weights-corrupt",
         "rank-not-a-number",
+        "fan-in-fan-out",
+        "nan-in-lora-A",
+        "nan-in-lora-B",
+        "inf-in-lora-A",
+        "inf-in-lora-B",
     ],
 )
 def test_refusals_are_one_line_nonzero_and_leave_no_output(
@@ -272,6 +300,83 @@ def test_a_failure_after_planning_takes_back_the_directories_it_made(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_file_being_written(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """shutil's copy puts the source in filename and the destination in filename2: a full disk is
+    about the destination, so that is the path the one line names."""
+    import errno
+    import os
+
+    def full(*_: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The copies of the tokenizer files go through os.sendfile (shutil's fast copy on Linux).
+    monkeypatch.setattr(os, "sendfile", full)
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out)) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert f"{tmp_path}/.merged.partial-" in err[0] and err[0].endswith("; nothing was written"), err
+    assert str(demo.base) not in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_naming_a_tensor_no_shard_holds_is_refused(
+    demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers loads what the index names: a tensor it names that no shard holds makes the
+    base incomplete, and the merge must not drop it silently."""
+    base = tmp_path / "base"
+    shutil.copytree(demo.base, base)
+    with safe_open(base / "model.safetensors", framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    lost = "model.language_model.layers.0.mlp.extra_proj.weight"
+    index = {"metadata": {}, "weight_map": {**weight_map, lost: "model.safetensors"}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "merged"
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and repr(lost) in err[0] and "does not hold it" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    # The same index without the lost tensor merges.
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 0
+
+
+def test_an_output_inside_an_input_is_refused(
+    demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, adapter = (
+        shutil.copytree(demo.base, tmp_path / "base"),
+        _adapter_copy(demo.adapter, tmp_path / "lora"),
+    )
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (base, adapter)}
+    for out, what in ((base / "merged", "base"), (adapter / "deeper" / "merged", "adapter")):
+        for extra in ((), ("--overwrite",)):
+            args = ["--base", str(base), "--adapter", str(adapter), "--output", str(out), *extra]
+            assert _run(*args) != 0
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"is inside the {what}" in err[0], err
+    assert {p: sorted(q.name for q in p.iterdir()) for p in (base, adapter)} == before
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+@pytest.mark.parametrize(("dtype", "name"), [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
+def test_config_dtype_follows_the_output_dtype(
+    demo: DemoPaths, tmp_path: Path, dtype: str, name: str, text_only: bool
+) -> None:
+    """transformers' dtype="auto" (and vLLM) load the weights as config.json's dtype says."""
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out, "--dtype", dtype, *(("--text-only",) if text_only else ()))) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == name
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {
+            {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[dtype]
+        }
 
 
 def test_sigterm_during_a_merge_leaves_nothing(

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import merge_adapter
+from merge import lora
 from serve.demo_model import DemoPaths
 from tests.peft_oracle import load_base, peft_model
 
@@ -120,28 +121,37 @@ RANK_PATTERN = {
 ALPHA_PATTERN = {"language_model.*o_proj": 64, "language_model.layers.0.mlp.gate_proj": 4}
 
 
-@pytest.fixture(scope="module")
-def rslora_adapter(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo adapter with use_rslora and per-module ranks and alphas (new tensors where the rank
-    changes). The patterns name language-model modules only: PEFT, as the oracle wraps the towers'
-    inner `.linear`, would not match tower patterns the way the model card's patched names do."""
-    out = tmp_path_factory.mktemp("rslora") / "adapter"
+def _patterned_adapter(demo: DemoPaths, out: Path, **config: object) -> Path:
+    """The demo adapter with ``config`` merged into its adapter_config.json, and new tensors of
+    the right rank where ``rank_pattern`` changes a module's rank."""
     shutil.copytree(demo.adapter, out)
     tensors = load_file(out / "adapter_model.safetensors")
     gen = torch.Generator().manual_seed(7)
+    rank_pattern = config.get("rank_pattern") or {}
+    assert isinstance(rank_pattern, dict)
     for key in [k for k in tensors if k.endswith("lora_A.weight")]:
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        rank = merge_adapter._pattern_value(RANK_PATTERN, module, 16)
+        rank = lora._pattern_value(rank_pattern, module, 16)
         if rank != 16:
             b_key = key.replace("lora_A", "lora_B")
             in_f, out_f = tensors[key].shape[1], tensors[b_key].shape[0]
             tensors[key] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
             tensors[b_key] = torch.randn(out_f, rank, generator=gen) * 0.02
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = json.loads((out / "adapter_config.json").read_text())
-    config.update(use_rslora=True, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    base_config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**base_config, **config}, indent=2))
     return out
+
+
+@pytest.fixture(scope="module")
+def rslora_adapter(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo adapter with use_rslora and per-module ranks and alphas (new tensors where the rank
+    changes). The patterns name language-model modules only: PEFT, as the oracle wraps the towers'
+    inner `.linear`, would not match tower patterns the way the model card's patched names do."""
+    out = tmp_path_factory.mktemp("rslora") / "adapter"
+    return _patterned_adapter(
+        demo, out, use_rslora=True, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN
+    )
 
 
 def test_rslora_with_patterns_equals_peft(demo: DemoPaths, rslora_adapter: Path, tmp_path: Path) -> None:
@@ -192,6 +202,106 @@ def test_patterns_apply_to_the_names_the_adapter_was_trained_under(demo: DemoPat
     tower = [p for m, p in pairs.items() if "vision_tower" in m and m.endswith("q_proj")]
     assert tower and all(p.scale == 2.0 for p in tower)
     assert pairs["model.language_model.layers.0.self_attn.k_proj"].scale == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The scale --verify expects is derived apart from load_adapter(): PEFT's, or a second reading of
+# adapter_config.json. Both are held to PEFT here, and a wrong scale from load_adapter must fail.
+
+SCALE_CASES: dict[str, dict[str, object]] = {
+    "alpha/r is 0.5": {"lora_alpha": 8},
+    "rank_pattern without rsLoRA": {"rank_pattern": RANK_PATTERN},
+    "alpha_pattern": {"lora_alpha": 12, "alpha_pattern": ALPHA_PATTERN},
+    "all three": {"lora_alpha": 8, "rank_pattern": RANK_PATTERN, "alpha_pattern": ALPHA_PATTERN},
+}
+
+
+@pytest.mark.parametrize("case", list(SCALE_CASES))
+def test_scales_equal_peft(demo: DemoPaths, tmp_path: Path, case: str) -> None:
+    """The merge, and both of --verify's readings of the scale, against PEFT's own model."""
+    from merge import scales
+
+    adapter = _patterned_adapter(demo, tmp_path / "adapter", **SCALE_CASES[case])
+    out = tmp_path / "merged"
+    args = ["--base", str(demo.base), "--adapter", str(adapter), "--output", str(out), "--dtype", "fp32"]
+    assert _run(*args, "--verify") == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["verification"]["ok"] and report["verification"]["weights"]["scale_source"] == "peft"
+
+    model = peft_model(demo.base, adapter)
+    peft_scaling = {
+        name.removeprefix("base_model.model.").removesuffix(".linear"): module.scaling["default"]
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "scaling", None), dict) and "language_model" in name
+    }
+    config, pairs = merge_adapter.load_adapter(adapter)
+    modules = sorted(peft_scaling)
+    assert len(modules) == 24  # every language-model LoRA layer
+    assert {m: pairs[m].scale for m in modules} == pytest.approx(peft_scaling, rel=1e-12)
+    assert scales.peft_scales(adapter, modules) == pytest.approx(peft_scaling, rel=1e-12)
+    assert scales.config_scales(config, modules) == pytest.approx(peft_scaling, rel=1e-12)
+    assert len(set(peft_scaling.values())) > 1 or case == "alpha/r is 0.5"
+
+    reference = model.merge_and_unload().state_dict()
+    reference.pop("lm_head.weight")
+    ours = load_file(out / "model.safetensors")
+    for key, ref in reference.items():
+        torch.testing.assert_close(ours[key], ref, rtol=0, atol=1e-6, msg=key)
+
+
+def _wrong_scale(kind: str, config: dict[str, object], module: str) -> float:
+    """The scale a load_adapter() with one of the bugs --verify once shared would give."""
+    r, alpha = config["r"], config["lora_alpha"]
+    assert isinstance(r, int) and isinstance(alpha, int)
+    mod_r = lora._pattern_value(config.get("rank_pattern") or {}, module, r)
+    mod_alpha = lora._pattern_value(config.get("alpha_pattern") or {}, module, alpha)
+    return {
+        "alpha // r": mod_alpha // mod_r,
+        "rank_pattern ignored": mod_alpha / r,
+        "alpha_pattern ignored": alpha / mod_r,
+    }[kind]
+
+
+@pytest.mark.parametrize("source", ["peft", "adapter_config.json"])
+@pytest.mark.parametrize("kind", ["none", "alpha // r", "rank_pattern ignored", "alpha_pattern ignored"])
+def test_verify_does_not_share_load_adapters_scale(
+    demo: DemoPaths,
+    tmp_path: Path,
+    kind: str,
+    source: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A scale bug in load_adapter() (these each exited 0 with "verified") fails --verify, with
+    PEFT's scales or, without PEFT, with the second reading of adapter_config.json."""
+    import dataclasses
+
+    from merge import scales
+
+    adapter = _patterned_adapter(demo, tmp_path / "adapter", **SCALE_CASES["all three"])
+    if source != "peft":
+        monkeypatch.setattr(scales, "peft_available", lambda: False)
+    right = merge_adapter.load_adapter
+
+    def planted(path: Path) -> tuple[dict[str, object], dict[str, merge_adapter.LoraPair]]:
+        config, pairs = right(path)
+        if kind != "none":
+            pairs = {m: dataclasses.replace(p, scale=_wrong_scale(kind, config, m)) for m, p in pairs.items()}
+        return config, pairs
+
+    monkeypatch.setattr(merge_adapter, "load_adapter", planted)
+    out = tmp_path / "merged"
+    args = ["--base", str(demo.base), "--adapter", str(adapter), "--output", str(out)]
+    code = _run(*args, "--dtype", "fp32", "--text-only", "--verify")
+    err = capsys.readouterr().err.strip().splitlines()
+    if kind == "none":
+        assert code == 0, err
+        report = json.loads((out / "merge_report.json").read_text())
+        assert report["verification"]["weights"]["scale_source"] == source
+        return
+    assert code != 0
+    assert len(err) == 1 and "verification failed: scales WRONG" in err[0] and source in err[0], err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +371,7 @@ def test_targeting_follows_peft(spec: dict[str, object]) -> None:
     for name in MODULE_NAMES:
         found = check_target_module_exists(config, name)
         peft_says = bool(found) and not isinstance(found, _ExcludedModule)  # an exclusion is truthy
-        assert merge_adapter._targeted(spec, name) == peft_says, name
+        assert lora._targeted(spec, name) == peft_says, name
 
 
 PATTERN_KEYS = [
@@ -286,4 +396,4 @@ def test_rank_and_alpha_patterns_follow_peft() -> None:
         for name in MODULE_NAMES:
             picked = get_pattern_key(keys, name)
             expected = patterns.get(picked, -1)
-            assert merge_adapter._pattern_value(patterns, name, -1) == expected, (keys, name)
+            assert lora._pattern_value(patterns, name, -1) == expected, (keys, name)

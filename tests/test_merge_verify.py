@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import merge_adapter
+from merge import limits
+from merge import write as merge_write
 from serve.demo_model import DemoPaths
 from tests.peft_oracle import load_base
 
@@ -101,8 +104,8 @@ def test_verify_catches_planted_merge_bugs_in_every_dtype(
     tell these from rounding (a x0.75 scale passed them), the weights can."""
     if kind == "delta-rounded" and dtype == "fp32":
         pytest.skip("rounding the delta to fp32 is what a correct fp32 merge does")
-    monkeypatch.setattr(merge_adapter, "merged_tensor", _planted(kind))
-    monkeypatch.setattr(merge_adapter, "CHUNK_VALUES", 1 << 30)
+    monkeypatch.setattr(merge_write, "merged_tensor", _planted(kind))
+    monkeypatch.setattr(limits, "CHUNK_VALUES", 1 << 30)
     out = tmp_path / "merged"
     assert _run(*_args(demo, out, "--dtype", dtype, "--verify", "--text-only")) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -149,30 +152,6 @@ def test_the_weight_rule_is_exact_rounding_of_the_fp64_merge(demo: DemoPaths, tm
     assert result["ok"] and result["merged_tensors"] == 24, result["summary"]
 
 
-def test_verify_catches_a_changed_copy_and_an_extra_tensor(demo: DemoPaths, tmp_path: Path) -> None:
-    """Tensors the merge only copies must be the base's bit for bit; nothing may be added."""
-    from safetensors.torch import save_file
-
-    import verify_merge
-
-    out = tmp_path / "merged"
-    assert _run(*_args(demo, out, "--dtype", "bf16", "--text-only")) == 0
-    _, pairs = merge_adapter.load_adapter(demo.adapter)
-    targets = merge_adapter.plan_targets(pairs, merge_adapter.base_index([demo.base / "model.safetensors"]))
-    tensors = load_file(out / "model.safetensors")
-    norm = "model.layers.0.input_layernorm.weight"
-    tensors[norm] = tensors[norm].clone()
-    tensors[norm][0] += 1
-    tensors["model.extra"] = torch.zeros(2)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    result = verify_merge.check_weights(demo.base, out, targets, out_dtype=torch.bfloat16, text_only=True)
-    assert not result["ok"]
-    assert result["problems"] == [
-        f"{norm} is not the base's tensor, bit for bit",
-        "model.extra is not in the base",
-    ]
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_failed_verification_exits_nonzero_and_writes_nothing(
     demo: DemoPaths,
@@ -188,7 +167,7 @@ def test_failed_verification_exits_nonzero_and_writes_nothing(
     def doubled(weight: torch.Tensor, pair: merge_adapter.LoraPair, out: torch.dtype) -> torch.Tensor:
         return right(weight, merge_adapter.LoraPair(pair.module, pair.a, pair.b, 2 * pair.scale), out)
 
-    monkeypatch.setattr(merge_adapter, "merged_tensor", doubled)
+    monkeypatch.setattr(merge_write, "merged_tensor", doubled)
     fresh, existing = tmp_path / "fresh", tmp_path / "existing"
     existing.mkdir()
     (existing / "keep").write_text("x")
@@ -264,8 +243,8 @@ def test_streaming_in_small_pieces_changes_nothing(
     smaller than any tensor the output is the same."""
     args = ("--dtype", "fp32", "--base-weights", "nf4")
     assert _run(*_args(demo, tmp_path / "whole", *args)) == 0
-    monkeypatch.setattr(merge_adapter, "CHUNK_VALUES", 1024)
-    monkeypatch.setattr(merge_adapter, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(limits, "CHUNK_VALUES", 1024)
+    monkeypatch.setattr(limits, "CHUNK_BYTES", 4096)
     assert _run(*_args(demo, tmp_path / "pieces", *args)) == 0
     whole, pieces = (
         load_file(tmp_path / "whole" / "model.safetensors"),
@@ -345,3 +324,186 @@ def test_the_weight_rule_passes_every_correct_merge(rank: int, out: torch.dtype)
             w = weight.to(base)
             result = verify_merge._check_merged(w, merge_adapter.merged_tensor(w, pair, out), pair)
             assert result["outside"] == 0, (delta_over_w, base, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the weight check must never let through: a row it skips, a looser slack, a NaN, a missing,
+# retyped or changed tensor, and an index naming a tensor the shards do not hold.
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 7, 30])
+def test_the_weight_rule_checks_every_row_of_every_block(
+    rows_per_block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One wrong value, in any row of a 30-row weight checked in blocks of 1, 7 (the last block
+    short) or all 30 rows, is seen."""
+    import verify_merge
+
+    monkeypatch.setattr(limits, "CHUNK_VALUES", rows_per_block * 40)
+    torch.manual_seed(0)
+    weight = torch.randn(30, 40).to(torch.bfloat16)
+    pair = _scaled_pair(4, 1e-2, 30, 40)
+    right = merge_adapter.merged_tensor(weight, pair, torch.float32)
+    assert verify_merge._check_merged(weight, right, pair)["outside"] == 0
+    for row in range(30):
+        wrong = right.clone()
+        wrong[row, row % 40] += 0.5
+        assert verify_merge._check_merged(weight, wrong, pair)["outside"] == 1, row
+
+
+def test_the_fp32_weight_slack_is_an_ulp_or_two() -> None:
+    """A fp32 merge off by three times the rule's slack is outside it (a slack 10x looser is not).
+    The slack is written out as WEIGHT_RULE states it, so that a change to merge_slack shows."""
+    import verify_merge
+
+    torch.manual_seed(1)
+    weight = (torch.rand(64, 64) + 1) * torch.randn(64, 64).sign()
+    pair = _scaled_pair(8, 1e-3, 64, 64)
+    w, a, b = weight.double(), pair.a.double(), pair.b.double()
+    reference = w + pair.scale * (b @ a)
+    slack = 2.0**-23 * (w.abs() + 12 * abs(pair.scale) * (b.abs() @ a.abs())) + 12 * 2.0**-149
+    off = (reference + 3 * slack).to(torch.float32)
+    assert verify_merge._check_merged(weight, off, pair)["outside"] == off.numel()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_weight_rule_never_passes_a_non_finite_value(value: float) -> None:
+    """NaN or inf in B makes the reference non-finite; the merge's output is then non-finite too,
+    and equal to nothing: both outside the rule, not 'the same NaN'."""
+    import verify_merge
+
+    torch.manual_seed(2)
+    weight = torch.randn(16, 32)
+    pair = _scaled_pair(4, 1e-2, 16, 32)
+    pair.b[3, 1] = value
+    merged = merge_adapter.merged_tensor(weight, pair, torch.float32)
+    assert not bool(torch.isfinite(merged).all())
+    assert verify_merge._check_merged(weight, merged, pair)["outside"] == 32  # row 3, every column
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_verify_fails_on_a_nan_in_the_adapter_even_past_the_refusal(
+    demo: DemoPaths,
+    tmp_path: Path,
+    dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """load_adapter refuses a NaN; were that refusal gone, --verify must still fail (before, a NaN
+    in lora_B passed fp32 --verify)."""
+    right = merge_adapter.load_adapter
+
+    def with_nan(adapter: Path) -> Any:
+        config, pairs = right(adapter)
+        pairs["model.language_model.layers.0.self_attn.q_proj"].b[0, 0] = float("nan")
+        return config, pairs
+
+    monkeypatch.setattr(merge_adapter, "load_adapter", with_nan)
+    assert _run(*_args(demo, tmp_path / "merged", "--dtype", dtype, "--verify", "--text-only")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verification failed: weights WRONG" in err[0] and "q_proj" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_verify_catches_a_changed_copy_a_missing_a_retyped_and_an_extra_tensor(
+    demo: DemoPaths, tmp_path: Path, dtype: str
+) -> None:
+    """Copied tensors (bf16: the base's bits; fp32: cast from the bf16 base) must be the base's
+    bit for bit, none may be missing, in another dtype or added."""
+    from safetensors.torch import save_file
+
+    import verify_merge
+
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out, "--dtype", dtype, "--text-only")) == 0
+    _, pairs = merge_adapter.load_adapter(demo.adapter)
+    targets = merge_adapter.plan_targets(pairs, merge_adapter.base_index([demo.base / "model.safetensors"]))
+    tensors = load_file(out / "model.safetensors")
+    changed, missing, retyped = (
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.2.input_layernorm.weight",
+    )
+    tensors[changed] = tensors[changed].clone()
+    tensors[changed][0] += 1
+    del tensors[missing]
+    other = torch.float16 if dtype == "fp32" else torch.float32
+    tensors[retyped] = tensors[retyped].to(other)
+    tensors["model.extra"] = torch.zeros(2)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    out_dtype = merge_adapter.DTYPES[dtype]
+    result = verify_merge.check_weights(demo.base, out, targets, out_dtype=out_dtype, text_only=True)
+    want, got = {"bf16": "BF16", "fp32": "F32"}[dtype], {"bf16": "F32", "fp32": "F16"}[dtype]
+    shape = tuple(tensors[retyped].shape)
+    assert not result["ok"]
+    assert result["problems"] == [
+        f"{changed} is not the base's tensor, bit for bit",
+        f"{missing} is missing",
+        f"{retyped} is {got} {shape}, not {want} {shape}",
+        "model.extra is not in the base",
+    ]
+
+
+def test_verify_reads_the_merged_index_as_the_truth(demo: DemoPaths, tmp_path: Path) -> None:
+    import verify_merge
+
+    out = tmp_path / "merged"
+    assert _run(*_args(demo, out, "--dtype", "bf16", "--text-only")) == 0
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    index = {"metadata": {}, "weight_map": {**weight_map, "model.lost.weight": "model.safetensors"}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, pairs = merge_adapter.load_adapter(demo.adapter)
+    targets = merge_adapter.plan_targets(pairs, merge_adapter.base_index([demo.base / "model.safetensors"]))
+    result = verify_merge.check_weights(demo.base, out, targets, out_dtype=torch.bfloat16, text_only=True)
+    assert not result["ok"] and "'model.lost.weight'" in result["problems"][0], result["problems"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The logits verdict: its fp32 tolerance, the half-precision judge's two conditions, NaN.
+
+
+def _logits(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, 50, generator=gen) for _ in range(2)]
+
+
+@pytest.mark.parametrize(("factor", "ok"), [(0.5, True), (1.5, False), (3.0, False)])
+def test_the_fp32_logit_tolerance_is_atol_plus_rtol(factor: float, ok: bool) -> None:
+    """|m - r| <= 1e-4 + 1e-4 * |r| (PEFT's own merge tests' atol and rtol) and no more: 1.5 times
+    that fails (a tolerance 10x looser would pass it)."""
+    import verify_merge
+
+    reference = _logits()
+    merged = [r + factor * (1e-4 + 1e-4 * r.abs()) for r in reference]
+    metrics = verify_merge.compare(merged, reference)
+    assert metrics["within_fp32_tolerance"] is ok
+    assert verify_merge.judge(metrics, 1.0, torch.float32)[0] is ok
+
+
+def test_the_half_precision_judge_needs_top1_and_kl_both() -> None:
+    import verify_merge
+
+    good = {"positions": 10, "finite": True, "top1_agreement": 1.0, "kl_mean": 1e-4, "kl_max": 1e-3}
+    assert verify_merge.judge(good, 1e-2, torch.bfloat16)[0]
+    assert not verify_merge.judge({**good, "top1_agreement": 0.5}, 1e-2, torch.bfloat16)[0]
+    assert not verify_merge.judge({**good, "kl_mean": 5e-3}, 1e-2, torch.bfloat16)[0]
+    assert not verify_merge.judge({**good, "kl_mean": float("nan")}, 1e-2, torch.bfloat16)[0]
+    assert not verify_merge.judge(good, float("nan"), torch.bfloat16)[0]
+
+
+@pytest.mark.parametrize("where", ["merged", "reference"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_logit_verdict_fails_on_a_non_finite_logit(where: str, value: float) -> None:
+    """Python's max() keeps a NaN only when it comes first; the verdict must see one anywhere."""
+    import verify_merge
+
+    reference = _logits()
+    merged = [r.clone() for r in reference]
+    (merged if where == "merged" else reference)[1][3, 7] = value
+    metrics = verify_merge.compare(merged, reference)
+    assert not metrics["finite"] and not metrics["within_fp32_tolerance"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ok, summary = verify_merge.judge(metrics, 1.0, dtype)
+        assert not ok and "NaN or infinite" in summary, summary

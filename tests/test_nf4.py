@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from merge_adapter import DYNAMIC_CODE, NF4_CODE, dynamic_quantize, nf4_quantize, nf4_roundtrip
+from merge import limits
+from merge.nf4 import DYNAMIC_CODE, NF4_CODE, dynamic_quantize, nf4_quantize, nf4_roundtrip
 
 # dQuantizeNF4's thresholds (bitsandbytes csrc/kernels.cu): x above one goes to the upper code.
 CUDA_NF4_THRESHOLDS = [
@@ -203,9 +204,7 @@ def test_double_quant_round_trip_equals_bitsandbytes_but_for_the_search(
 
 
 def test_round_trip_in_chunks_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    import merge_adapter
-
     weight = (torch.randn(301, 129, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
     whole = nf4_roundtrip(weight)
-    monkeypatch.setattr(merge_adapter, "CHUNK_VALUES", 128)  # 304 chunks, the last one short
+    monkeypatch.setattr(limits, "CHUNK_VALUES", 128)  # 304 chunks, the last one short
     assert torch.equal(nf4_roundtrip(weight), whole)
