@@ -26,6 +26,7 @@ from client import (
     build_messages,
 )
 from tests.conftest import free_port
+from tests.test_merge import MERGE_CATALOGUE
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,6 +417,8 @@ def render() -> str:
     rows = [
         "# Bad input: what each gets",
         "",
+        "## Through the server",
+        "",
         "Every row is a test in `tests/test_bad_input.py`, run by CI against the real vLLM server "
         "(policy `default`, the tiny demo model); after each, `GET /health` must still answer 200. "
         "Through the bulk job, every line of the input ends in OUTPUT exactly once, the bad ones as "
@@ -425,6 +428,18 @@ def render() -> str:
         "|---|---|---|---|",
     ]
     rows += [f"| {i} | {c.through} | {c.sent} | {c.expected} |" for i, c in enumerate(CASES, 1)]
+    rows += [
+        "",
+        "## Through `merge_adapter.py`",
+        "",
+        "Every row is a test in `tests/test_merge.py`, on the demo base and adapter changed as the row "
+        "says. Each is one line on stderr, `merge_adapter: error: …`, and leaves nothing behind: no "
+        "output, no staging directory, no parent directory made for the output, the inputs unchanged.",
+        "",
+        "| # | Sent | Expected |",
+        "|---|---|---|",
+    ]
+    rows += [f"| {i} | {sent} | {expected} |" for i, (_, sent, expected) in enumerate(MERGE_CATALOGUE, 1)]
     return "\n".join(rows) + "\n"
 
 

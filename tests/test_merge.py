@@ -218,40 +218,50 @@ def _broken(src: Path, dst: Path, name: str, content: bytes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "dora",
-        "shape",
-        "unknown-target",
-        "another-base",
-        "not-lora",
-        "rank-pattern",
-        "alora",
-        "lora-bias",
-        "variant-kasa_config",
-        "variant-use_bdlora",
-        "variant-arrow_config",
-        "two-adapters-in-one-file",
-        "missing",
-        "init-pissa",
-        "init-pissa_niter_4",
-        "init-olora",
-        "init-corda",
-        "init-lora_ga",
-        "init-loftq",
-        "init-unknown",
-        "config-not-json",
-        "config-not-object",
-        "weights-corrupt",
-        "rank-not-a-number",
-        "fan-in-fan-out",
-        "nan-in-lora-A",
-        "nan-in-lora-B",
-        "inf-in-lora-A",
-        "inf-in-lora-B",
-    ],
-)
+# docs/bad-input.md's merge table (written by `python -m tests.test_bad_input`): each row is
+# (the test that holds it, what the user gave, what they get). "refusal:CASE" is a case of
+# test_refusals_are_one_line_nonzero_and_leave_no_output, any other name a test in this file.
+MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
+    ("refusal:missing", "`--adapter` a directory that does not exist", "exit 2, `no such directory (and not a hub id 'org/name')`"),
+    ("test_hub_id_without_network_is_a_clear_error", "`--base google/gemma-4-E4B-it` with no network", "exit 2, `base 'google/gemma-4-E4B-it' is not a local directory and could not be fetched …`"),
+    ("refusal:config-not-json", "an `adapter_config.json` that is not JSON", "exit 2, `… is not valid JSON (…)`"),
+    ("refusal:config-not-object", "an `adapter_config.json` holding a list", "exit 2, `… is not a JSON object`"),
+    ("refusal:weights-corrupt", "an `adapter_model.safetensors` with a broken header", "exit 2, `… is not a safetensors file (bad header length)`"),
+    ("refusal:not-lora", "an IA3 adapter", "exit 2, `adapter peft_type 'IA3' is not LORA`"),
+    ("refusal:dora", "a DoRA adapter", "exit 2, `adapter uses DoRA …`"),
+    ("refusal:alora", "an Activated LoRA (`alora_invocation_tokens`)", "exit 2, `adapter uses Activated LoRA …`"),
+    ("refusal:lora-bias", "`lora_bias: true`", "exit 2, `adapter uses lora_bias=true …`"),
+    ("refusal:variant-kasa_config", "a KaSA adapter", "exit 2, `adapter uses KaSA …`"),
+    ("refusal:variant-use_bdlora", "a BD-LoRA adapter", "exit 2, `adapter uses BD-LoRA …`"),
+    ("refusal:variant-arrow_config", "an Arrow adapter", "exit 2, `adapter uses Arrow …`"),
+    ("refusal:fan-in-fan-out", "`fan_in_fan_out: true`", "exit 2, `fan_in_fan_out=true (Conv1D layout), which Gemma 4 never uses`"),
+    ("refusal:init-pissa", "`init_lora_weights: pissa`, not converted by PEFT when saved", "exit 2, `… changed the base weights before training …`, with the PEFT call that converts it"),
+    ("refusal:init-pissa_niter_4", "`init_lora_weights: pissa_niter_4`", "exit 2, as `pissa`"),
+    ("refusal:init-olora", "`init_lora_weights: olora`", "exit 2, as `pissa`"),
+    ("refusal:init-corda", "`init_lora_weights: corda`", "exit 2, as `pissa`"),
+    ("refusal:init-lora_ga", "`init_lora_weights: lora_ga`", "exit 2, as `pissa`"),
+    ("refusal:init-loftq", "`init_lora_weights: loftq`", "exit 2, `… LoftQ trains against its own quantized base …`"),
+    ("refusal:init-unknown", "`init_lora_weights: future_init`", "exit 2, `… is unknown to this merge …`, naming the inits it knows"),
+    ("refusal:rank-not-a-number", "`r: \"16\"`", "exit 2, `… r='16' is not a number`"),
+    ("refusal:rank-pattern", "a `rank_pattern` that disagrees with a tensor's rank", "exit 2, `… has rank 16 but its config says r=8 …`"),
+    ("refusal:shape", "a `lora_A` of the wrong width", "exit 2, `shape mismatch for … adapter trained on another base?`"),
+    ("refusal:unknown-target", "a LoRA pair on a module `target_modules` does not name", "exit 2, `… is not one PEFT would target …`"),
+    ("refusal:another-base", "a LoRA pair on a layer the base lacks", "exit 2, `… has no weight in the base …`"),
+    ("refusal:two-adapters-in-one-file", "one module's `lora_A` twice in the file", "exit 2, `adapter holds lora_A of … twice`"),
+    ("refusal:nan-in-lora-A", "a NaN in a `lora_A`", "exit 2, `adapter tensor '…lora_A.weight' holds 1 NaN or infinite values`"),
+    ("refusal:nan-in-lora-B", "a NaN in a `lora_B`", "exit 2, as above, naming the `lora_B`"),
+    ("refusal:inf-in-lora-A", "an infinity in a `lora_A`", "exit 2, as above"),
+    ("refusal:inf-in-lora-B", "an infinity in a `lora_B`", "exit 2, as above"),
+    ("test_an_index_naming_a_tensor_no_shard_holds_is_refused", "a base index naming a tensor no shard holds", "exit 2, `base index … puts tensor '…' in …, which does not hold it`"),
+    ("test_existing_output_needs_overwrite", "`--output` an existing directory, no `--overwrite`", "exit 2, the directory as it was"),
+    ("test_an_output_inside_an_input_is_refused", "`--output` inside the base or adapter directory (with or without `--overwrite`)", "exit 2, `… is inside the base` / `adapter`; the inputs unchanged"),
+    ("test_output_paths_an_unlucky_user_gives", "`--output` under a file, or `--overwrite` of a directory that holds an input or the working directory", "exit 2, `is not a directory` / `holds the adapter` / `holds the current directory`"),
+    ("test_a_full_disk_names_the_file_being_written", "a disk that fills up during the merge", "exit 1, `No space left on device` naming the file being written; nothing left"),
+)  # fmt: skip
+REFUSALS = [row[0].removeprefix("refusal:") for row in MERGE_CATALOGUE if row[0].startswith("refusal:")]
+
+
+@pytest.mark.parametrize("case", REFUSALS)
 def test_refusals_are_one_line_nonzero_and_leave_no_output(
     case: str, demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -259,7 +269,7 @@ def test_refusals_are_one_line_nonzero_and_leave_no_output(
     out = tmp_path / "out" / "merged"
     code = _run("--base", str(demo.base), "--adapter", str(adapter), "--output", str(out))
     err = capsys.readouterr().err.strip()
-    assert code != 0
+    assert code == 2
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists() and not out.parent.exists()  # not even the parent it would have made
 
@@ -316,7 +326,7 @@ def test_a_full_disk_names_the_file_being_written(
     # The copies of the tokenizer files go through os.sendfile (shutil's fast copy on Linux).
     monkeypatch.setattr(os, "sendfile", full)
     out = tmp_path / "merged"
-    assert _run(*_args(demo, out)) != 0
+    assert _run(*_args(demo, out)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
     assert f"{tmp_path}/.merged.partial-" in err[0] and err[0].endswith("; nothing was written"), err
@@ -337,7 +347,7 @@ def test_an_index_naming_a_tensor_no_shard_holds_is_refused(
     index = {"metadata": {}, "weight_map": {**weight_map, lost: "model.safetensors"}}
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     out = tmp_path / "merged"
-    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) != 0
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and repr(lost) in err[0] and "does not hold it" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
@@ -357,7 +367,7 @@ def test_an_output_inside_an_input_is_refused(
     for out, what in ((base / "merged", "base"), (adapter / "deeper" / "merged", "adapter")):
         for extra in ((), ("--overwrite",)):
             args = ["--base", str(base), "--adapter", str(adapter), "--output", str(out), *extra]
-            assert _run(*args) != 0
+            assert _run(*args) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and f"is inside the {what}" in err[0], err
     assert {p: sorted(q.name for q in p.iterdir()) for p in (base, adapter)} == before
@@ -500,12 +510,12 @@ def test_output_paths_an_unlucky_user_gives(
     a_file.write_text("keep")
     # Under a file: one line, exit != 0, the file as it was.
     for out in (a_file / "merged", a_file / "deeper" / "merged"):
-        assert _run(*_args(demo, out)) != 0
+        assert _run(*_args(demo, out)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is not a directory" in err[0], err
     assert a_file.read_text() == "keep"
     # A file without --overwrite is kept; with it, replaced by the merge, nothing left beside it.
-    assert _run(*_args(demo, a_file)) != 0 and a_file.read_text() == "keep"
+    assert _run(*_args(demo, a_file)) == 2 and a_file.read_text() == "keep"
     capsys.readouterr()
     assert _run(*_args(demo, a_file, "--overwrite")) == 0
     assert (a_file / "model.safetensors").exists()
@@ -515,14 +525,14 @@ def test_output_paths_an_unlucky_user_gives(
     adapter = _adapter_copy(demo.adapter, work / "adapter")
     for out in (work, adapter):
         args = ["--base", str(demo.base), "--adapter", str(adapter), "--output", str(out), "--overwrite"]
-        assert _run(*args) != 0
+        assert _run(*args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "holds the adapter" in err[0], err
     assert (adapter / "adapter_model.safetensors").exists()
     (tmp_path / "outer" / "here").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "outer" / "here")
     for out in (Path("."), Path("..")):
-        assert _run(*_args(demo, out, "--overwrite")) != 0
+        assert _run(*_args(demo, out, "--overwrite")) == 2
         assert "holds the current directory" in capsys.readouterr().err
     assert (tmp_path / "outer" / "here").is_dir()
 
@@ -532,7 +542,7 @@ def test_existing_output_needs_overwrite(demo: DemoPaths, tmp_path: Path) -> Non
     out.mkdir()
     (out / "keep").write_text("x")
     args = ["--base", str(demo.base), "--adapter", str(demo.adapter), "--output", str(out)]
-    assert _run(*args) != 0 and (out / "keep").exists()
+    assert _run(*args) == 2 and (out / "keep").exists()
     assert _run(*args, "--overwrite") == 0
     assert not (out / "keep").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
@@ -545,4 +555,12 @@ def test_hub_id_without_network_is_a_clear_error(
         "--base", "google/gemma-4-E4B-it", "--adapter", str(demo.adapter), "--output", str(tmp_path / "o")
     )
     err = capsys.readouterr().err
-    assert code != 0 and "google/gemma-4-E4B-it" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "google/gemma-4-E4B-it" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_merge_catalogue_names_tests_that_exist(demo: DemoPaths, tmp_path: Path) -> None:
+    """Every refusal case is in docs/bad-input.md, and every row of it is held by a test."""
+    assert sorted(REFUSALS) == sorted(_refusals(demo, tmp_path))
+    names = [row[0] for row in MERGE_CATALOGUE]
+    assert len(names) == len(set(names))
+    assert all(globals()[n].__name__ == n for n in names if not n.startswith("refusal:"))

@@ -1,6 +1,6 @@
 """Benchmark: merge_adapter.py vs PEFT's merge_and_unload + save_pretrained, time and peak RSS.
 
-    python benchmarks/merge.py [--layers 8] [--vocab 65536] [--shard-mb 500] [--workdir /tmp]
+    python benchmarks/merge_vs_peft.py [--layers 8] [--vocab 65536] [--shard-mb 500] [--workdir /tmp]
 
 Builds a random checkpoint in the google/gemma-4-E4B-it layout (the real widths: hidden 2560, MLP
 10240, head dims 256/512, per-layer inputs 256; fewer layers and a smaller vocabulary, so that it
