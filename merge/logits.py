@@ -22,7 +22,6 @@ tests, not here.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ import torch
 from merge.errors import MergeError
 from merge.lora import LoraPair
 from merge.nf4 import nf4_roundtrip
+from merge.safetensors_io import read_json
 
 # The model card's example inputs, short to long.
 VERIFY_TEXTS = (
@@ -78,11 +78,16 @@ def prompt_ids(tokenizer_dir: Path, texts: Sequence[str] = VERIFY_TEXTS) -> list
 def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     import transformers
 
-    architecture = (json.loads((path / "config.json").read_text()).get("architectures") or [""])[0]
-    model_class = getattr(transformers, architecture, None)
+    architectures = read_json(path / "config.json", "verification: config").get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else ""
+    model_class = getattr(transformers, str(architecture), None)
     if model_class is None:
         raise MergeError(f"verification: architecture {architecture!r} of {path} is unknown to transformers")
-    model: torch.nn.Module = model_class.from_pretrained(path, dtype=dtype).eval()
+    try:
+        model: torch.nn.Module = model_class.from_pretrained(path, dtype=dtype).eval()
+    except Exception as exc:  # noqa: BLE001 - whatever transformers objects to, the verdict is one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MergeError(f"verification: transformers cannot load {path} ({reason})") from None
     return model
 
 

@@ -113,8 +113,51 @@ def _targeted(config: Mapping[str, Any], module: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def _regex(key: object, where: str) -> None:
+    if not isinstance(key, str):
+        raise MergeError(f"adapter {where} holds {key!r}, not a module name or pattern")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise MergeError(f"adapter {where} holds {key!r}, not a valid regular expression ({exc})") from None
+
+
+def _check_types(config: Mapping[str, Any]) -> None:
+    """The options that choose modules and scales hold what PEFT's LoraConfig takes: a wrong type
+    is a one-line refusal here, not a traceback (or a silently different meaning) later."""
+    for option in ("target_modules", "exclude_modules"):
+        spec = config.get(option)
+        if spec is None or isinstance(spec, str):
+            if spec is not None and spec != "all-linear":
+                _regex(spec, option)
+        elif isinstance(spec, list):
+            for name in spec:
+                if not isinstance(name, str):
+                    raise MergeError(f"adapter {option} holds {name!r}, not a module name")
+        else:
+            raise MergeError(f"adapter {option}={spec!r} is neither a pattern nor a list of module names")
+    for option in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(option)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise MergeError(f"adapter {option}={patterns!r} is not an object of pattern -> value")
+        for key in patterns:
+            _regex(key, option)
+    layers = config.get("layers_to_transform")
+    items = layers if isinstance(layers, list) else [layers]
+    if layers is not None and any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise MergeError(f"adapter layers_to_transform={layers!r} is neither a layer index nor a list of them")
+    pattern = config.get("layers_pattern")
+    for name in pattern if isinstance(pattern, list) else [] if pattern is None else [pattern]:
+        _regex(name, "layers_pattern")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise MergeError(f"adapter use_rslora={config['use_rslora']!r} is not true or false")
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Refuse, in one line, the adapter options whose effect is not W + scale * B @ A."""
+    _check_types(config)
     if config.get("peft_type", "LORA") != "LORA":
         raise MergeError(f"adapter peft_type {config.get('peft_type')!r} is not LORA")
     for option, why in UNMERGEABLE_OPTIONS.items():
@@ -154,7 +197,8 @@ def _read_halves(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
     """module -> {"A": lora_A, "B": lora_B}, every value finite."""
     from safetensors import safe_open
 
-    read_header(weights)  # a corrupt file is a one-line error here, not safetensors' exception
+    # A corrupt file is a one-line error here, not safetensors' exception.
+    dtypes = {entry.name: entry.dtype for entry in read_header(weights)[1]}
     halves: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
@@ -166,10 +210,14 @@ def _read_halves(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
                 raise MergeError(
                     f"adapter holds lora_{match['ab']} of {match['module']!r} twice (last: {key!r})"
                 )
+            if dtypes[key] not in CASTABLE:  # integers or fp8 are no trained LoRA factors
+                raise MergeError(
+                    f"adapter tensor {key!r} is {dtypes[key]}; LoRA weights are F16, BF16, F32 or F64"
+                )
             tensor = f.get_tensor(key)
             # NaN or inf would be merged into the weights and compare equal to nothing, the
             # reference included: the adapter is broken, and saying so here names the culprit.
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise MergeError(
                     f"adapter tensor {key!r} holds {bad} NaN or infinite values; cannot merge it"
@@ -209,8 +257,8 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
         mod_rank = _pattern_value(config.get("rank_pattern") or {}, module, rank)
         mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha)
         for what, value in (("r", mod_rank), ("lora_alpha", mod_alpha)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise MergeError(f"adapter module {module!r}: {what}={value!r} is not a number")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+                raise MergeError(f"adapter module {module!r}: {what}={_short(value)} is not a number")
         if mod_rank <= 0:
             raise MergeError(f"adapter module {module!r}: r={mod_rank!r} is not a positive rank")
         if a.shape[0] != mod_rank:
@@ -223,6 +271,18 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
     if not pairs:
         raise MergeError(f"adapter {adapter} holds no LoRA tensors")
     return config, pairs
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float (JSON allows 400 digits)
+        return False
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def plan_targets(pairs: dict[str, LoraPair], index: Mapping[str, Entry]) -> dict[str, LoraPair]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import struct
@@ -55,22 +56,28 @@ def read_header(path: Path) -> tuple[dict[str, str], list[Entry]]:
     if not isinstance(header, dict):
         raise MergeError(f"{path} is not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergeError(f"{path} is not a safetensors file (__metadata__ is not an object of strings)")
     entries = []
     for name, info in header.items():
         try:
-            dtype, (begin, end), shape = (
-                info["dtype"],
-                info["data_offsets"],
-                tuple(int(d) for d in info["shape"]),
-            )
+            dtype, (begin, end), shape = info["dtype"], info["data_offsets"], tuple(info["shape"])
         except (KeyError, TypeError, ValueError):
             raise MergeError(f"{path} is not a safetensors file (bad entry for {name!r})") from None
-        if dtype not in ST_DTYPES:
+        # What safetensors itself requires (a bool is an int to Python, not to a header).
+        numbers = (begin, end, *shape)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in numbers) or begin > end:
+            raise MergeError(f"{path} is not a safetensors file (bad offsets or shape for {name!r})")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise MergeError(f"{path.name}: tensor {name!r} has dtype {dtype}, unknown to this merge")
         if end - begin != math.prod(shape) * ST_DTYPES[dtype][0] or 8 + length + end > size:
             raise MergeError(f"{path.name}: tensor {name!r} is truncated or corrupt")
         entries.append(Entry(path, name, dtype, shape, 8 + length + begin, end - begin))
-    return metadata, sorted(entries, key=lambda e: e.start)
+    entries.sort(key=lambda e: e.start)
+    for before, after in itertools.pairwise(entries):
+        if after.start < before.start + before.nbytes:
+            raise MergeError(f"{path.name}: tensors {before.name!r} and {after.name!r} overlap: corrupt file")
+    return metadata, entries
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -92,6 +99,11 @@ def _weight_map(directory: Path, what: str) -> dict[str, str] | None:
     weight_map = read_json(index, f"{what} index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MergeError(f"{what} index {index} has no weight_map of tensor -> file names")
+    for file in weight_map.values():
+        # transformers joins each name to the checkpoint's directory: a path elsewhere (or a
+        # sub-directory's file, whose name another shard may share) is not this checkpoint's shard.
+        if file in ("", ".", "..") or Path(file).name != file:
+            raise MergeError(f"{what} index {index} names {file!r}, not a file name in {directory}")
     return weight_map
 
 

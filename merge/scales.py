@@ -56,11 +56,10 @@ def peft_scales(adapter: Path, modules: Iterable[str]) -> dict[str, float]:
         # data (EVA) or an even rank (orthogonal) that have nothing to do with the scale.
         config.init_lora_weights = True
         scales = {}
+        rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
         for module in modules:
-            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-            alpha = config.alpha_pattern.get(
-                get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha
-            )
+            r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.r)
+            alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.lora_alpha)
             layer = Linear(torch.nn.Linear(1, 1, bias=False), "default", config, r=r, lora_alpha=alpha)
             scales[module] = float(layer.scaling["default"])
     except Exception as exc:  # noqa: BLE001 - whatever PEFT objects to, the verdict is the same

@@ -111,8 +111,10 @@ def _check_merged(weight: torch.Tensor, merged: torch.Tensor, pair: LoraPair) ->
     }
 
 
-def _same_bits(src: io.RawIOBase, out: io.RawIOBase, entry: Entry, out_entry: Entry) -> bool:
-    """A copied or cast tensor: the base's values cast to the output dtype, bit for bit, streamed."""
+def _copy_problem(src: io.RawIOBase, out: io.RawIOBase, entry: Entry, out_entry: Entry) -> str | None:
+    """A copied or cast tensor: the base's values cast to the output dtype, bit for bit, streamed,
+    and none of them finite in the base and infinite in the output (a cast beyond the dtype's range
+    is a faithful cast of a value the model no longer has)."""
     itemsize, source_dtype = ST_DTYPES[entry.dtype]
     out_itemsize = ST_DTYPES[out_entry.dtype][0]
     step = max(limits.CHUNK_BYTES // itemsize, 1)
@@ -121,11 +123,14 @@ def _same_bits(src: io.RawIOBase, out: io.RawIOBase, entry: Entry, out_entry: En
         chunk = read_exactly(src, entry.start + first * itemsize, count * itemsize)
         got = read_exactly(out, out_entry.start + first * out_itemsize, count * out_itemsize)
         if entry.dtype != out_entry.dtype:
-            cast = torch.frombuffer(chunk, dtype=source_dtype).to(ST_DTYPES[out_entry.dtype][1])
+            source = torch.frombuffer(chunk, dtype=source_dtype)
+            cast = source.to(ST_DTYPES[out_entry.dtype][1])
+            if not bool((torch.isfinite(cast) | ~torch.isfinite(source)).all()):
+                return f"{out_entry.name} holds values beyond {out_entry.dtype}'s range"
             chunk = bytearray(tensor_bytes(cast).numpy().tobytes())
         if chunk != got:
-            return False
-    return True
+            return f"{out_entry.name} is not the base's tensor, bit for bit"
+    return None
 
 
 def check_weights(
@@ -178,8 +183,8 @@ def check_weights(
                     elif not torch.equal(tensor_bytes(weight.to(got.dtype)), tensor_bytes(got)):
                         problems.append(f"{name} is not the base's NF4 round trip")
                     del weight, got
-                elif not _same_bits(src, out, entry, out_entry):
-                    problems.append(f"{name} is not the base's tensor, bit for bit")
+                elif (problem := _copy_problem(src, out, entry, out_entry)) is not None:
+                    problems.append(problem)
                 others += entry.name not in targets
     finally:
         for f in files.values():

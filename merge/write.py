@@ -44,7 +44,19 @@ def _stream(src: io.RawIOBase, dst: BinaryIO, item: Planned) -> None:
         if item.dtype == item.source.dtype:
             dst.write(chunk)
         else:
-            write_tensor(dst, torch.frombuffer(chunk, dtype=source_dtype).to(ST_DTYPES[item.dtype][1]))
+            write_tensor(dst, cast(item, torch.frombuffer(chunk, dtype=source_dtype)))
+
+
+def cast(item: Planned, source: torch.Tensor) -> torch.Tensor:
+    """``source`` (part of a copied tensor) as the output dtype, refused where a finite value
+    overflows it: a bf16 weight of 1e6 is infinite in fp16, a cast no model survives."""
+    result = source.to(ST_DTYPES[item.dtype][1])
+    if not bool((torch.isfinite(result) | ~torch.isfinite(source)).all()):
+        raise MergeError(
+            f"base tensor {item.name!r} holds values beyond {item.dtype}'s range (largest "
+            f"{float(source.abs().max()):g}): choose a --dtype that holds them (bf16, fp32)"
+        )
+    return result
 
 
 def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str]) -> dict[str, float]:
@@ -86,30 +98,51 @@ def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str
                         original, weight = weight, nf4_roundtrip(weight)
                         nf4_errors[item.source.name] = _relative_error(weight, original)
                         del original
-                    _write_changed(dst, weight, item.pair, ST_DTYPES[item.dtype][1])
+                    _write_changed(dst, item, weight, item.pair, ST_DTYPES[item.dtype][1])
                     del weight
                 if dst.tell() - data_start != expected:
                     raise MergeError(f"internal error: {item.name} wrote the wrong number of bytes")
+    except OSError as exc:
+        # A full disk or a read-only target while writing names no file by itself.
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
         for src in sources.values():
             src.close()
     return nf4_errors
 
 
-def _write_changed(dst: BinaryIO, weight: torch.Tensor, pair: LoraPair | None, dtype: torch.dtype) -> None:
+def _write_changed(
+    dst: BinaryIO, item: Planned, weight: torch.Tensor, pair: LoraPair | None, dtype: torch.dtype
+) -> None:
     """Write ``weight`` (merged with ``pair`` when given) as ``dtype``, a block of rows at a time, so
     that the fp32 copies stay small whatever the weight's size."""
     rows = max(1, limits.CHUNK_VALUES // max(1, math.prod(weight.shape[1:])))
     if weight.ndim == 0 or pair is None and weight.dtype == dtype:
-        write_tensor(dst, weight.to(dtype))
+        write_tensor(dst, _finite(item, weight.to(dtype)))
         return
     for start in range(0, weight.shape[0], rows):
         block = weight[start : start + rows]
         if pair is None:
-            write_tensor(dst, block.to(dtype))
+            write_tensor(dst, _finite(item, block.to(dtype)))
         else:
             part = LoraPair(pair.module, pair.a, pair.b[start : start + rows], pair.scale)
-            write_tensor(dst, merged_tensor(block, part, dtype))
+            write_tensor(dst, _finite(item, merged_tensor(block, part, dtype)))
+
+
+def _finite(item: Planned, tensor: torch.Tensor) -> torch.Tensor:
+    """A merged (or NF4 round-tripped) weight that overflowed, or that a non-finite base value
+    spoilt, is no model to write: the adapter's finite factors are checked on reading, so what is
+    left is a scale or a dtype too large for these weights."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        how = f"lora scale {item.pair.scale:g}, " if item.pair is not None else ""
+        raise MergeError(
+            f"merged weight {item.name!r} would hold {bad} NaN or infinite values ({how}output "
+            f"{item.dtype}): lora_alpha too large, --dtype too narrow, or a non-finite base value"
+        )
+    return tensor
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -190,6 +191,46 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
             _adapter_copy(demo.adapter, tmp / "conv1d", config={"fan_in_fan_out": True}),
             "fan_in_fan_out=true",
         ),
+        "alpha-overflows-the-merge": (
+            _adapter_copy(demo.adapter, tmp / "alpha-huge", config={"lora_alpha": 1e308}),
+            "would hold",
+        ),
+        "alpha-beyond-any-float": (
+            _adapter_copy(demo.adapter, tmp / "alpha-digits", config={"lora_alpha": 10**400}),
+            "lora_alpha=1000000",
+        ),
+        "rslora-a-string": (
+            _adapter_copy(demo.adapter, tmp / "rslora", config={"use_rslora": "false"}),
+            "use_rslora='false' is not true or false",
+        ),
+        **{
+            f"{option}-{what}": (
+                _adapter_copy(demo.adapter, tmp / f"{option}-{what}", config={option: value}),
+                needle,
+            )
+            for option, what, value, needle in (
+                ("alpha_pattern", "bad-regex", {"q_proj[": 4}, "not a valid regular expression"),
+                ("rank_pattern", "a-list", [["q_proj", 8]], "is not an object of pattern -> value"),
+                ("target_modules", "bad-regex", "(q_proj", "not a valid regular expression"),
+                ("target_modules", "a-number", 5, "neither a pattern nor a list"),
+                ("exclude_modules", "a-list-of-numbers", [1], "holds 1, not a module name"),
+                ("layers_to_transform", "a-string", "1", "neither a layer index nor a list"),
+                ("layers_pattern", "bad-regex", "layers(", "not a valid regular expression"),
+            )
+        },
+        **{
+            f"{dtype}-lora-A": (
+                _adapter_copy(
+                    demo.adapter, tmp / f"{dtype}-tensor", tensors={**lora, q_a: lora[q_a].to(torch_dtype)}
+                ),
+                f"is {dtype}; LoRA weights are F16, BF16, F32 or F64",
+            )
+            for dtype, torch_dtype in (
+                ("I64", torch.int64),
+                ("BOOL", torch.bool),
+                ("F8_E4M3", torch.float8_e4m3fn),
+            )
+        },
         **{
             f"{what}-in-lora-{half}": (
                 _adapter_copy(demo.adapter, tmp / f"{what}{half}", tensors=_poisoned(lora, half, value)),
@@ -252,11 +293,29 @@ MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("refusal:nan-in-lora-B", "a NaN in a `lora_B`", "exit 2, as above, naming the `lora_B`"),
     ("refusal:inf-in-lora-A", "an infinity in a `lora_A`", "exit 2, as above"),
     ("refusal:inf-in-lora-B", "an infinity in a `lora_B`", "exit 2, as above"),
+    ("refusal:alpha-overflows-the-merge", "`lora_alpha: 1e308` (a merged weight overflows)", "exit 2, `merged weight '…' would hold … NaN or infinite values (lora scale …, output …): lora_alpha too large, --dtype too narrow, or a non-finite base value`"),
+    ("refusal:alpha-beyond-any-float", "`lora_alpha` of 400 digits", "exit 2, `… lora_alpha=1000000… is not a number`"),
+    ("refusal:rslora-a-string", "`use_rslora: \"false\"`", "exit 2, `adapter use_rslora='false' is not true or false`"),
+    ("refusal:alpha_pattern-bad-regex", "an `alpha_pattern` key that is not a regular expression", "exit 2, `adapter alpha_pattern holds 'q_proj[', not a valid regular expression (…)`"),
+    ("refusal:rank_pattern-a-list", "a `rank_pattern` that is a list", "exit 2, `adapter rank_pattern=… is not an object of pattern -> value`"),
+    ("refusal:target_modules-bad-regex", "a `target_modules` string that is not a regular expression", "exit 2, as for `alpha_pattern`"),
+    ("refusal:target_modules-a-number", "`target_modules: 5`", "exit 2, `adapter target_modules=5 is neither a pattern nor a list of module names`"),
+    ("refusal:exclude_modules-a-list-of-numbers", "`exclude_modules: [1]`", "exit 2, `adapter exclude_modules holds 1, not a module name`"),
+    ("refusal:layers_to_transform-a-string", "`layers_to_transform: \"1\"`", "exit 2, `adapter layers_to_transform='1' is neither a layer index nor a list of them`"),
+    ("refusal:layers_pattern-bad-regex", "a `layers_pattern` that is not a regular expression", "exit 2, as for `alpha_pattern`"),
+    ("refusal:I64-lora-A", "an integer `lora_A`", "exit 2, `adapter tensor '…' is I64; LoRA weights are F16, BF16, F32 or F64`"),
+    ("refusal:BOOL-lora-A", "a boolean `lora_A`", "exit 2, as above"),
+    ("refusal:F8_E4M3-lora-A", "an fp8 `lora_A`", "exit 2, as above"),
+    ("test_a_cast_beyond_the_dtypes_range_is_refused", "`--dtype fp16` of a base holding a value beyond fp16's range", "exit 2, `base tensor '…' holds values beyond F16's range (largest …): choose a --dtype that holds them (bf16, fp32)`"),
+    ("test_an_index_naming_files_outside_the_base_is_refused", "a base index naming `sub/x.safetensors`, `../x.safetensors` or an absolute path", "exit 2, `base index … names '…', not a file name in …`"),
+    ("test_malformed_safetensors_headers_are_refused", "a base shard whose header has a negative or fractional dimension, a bool offset, overlapping tensors, non-string metadata or a dtype that is not a string", "exit 2, `… is not a safetensors file (…)` / `… overlap: corrupt file`"),
     ("test_an_index_naming_a_tensor_no_shard_holds_is_refused", "a base index naming a tensor no shard holds", "exit 2, `base index … puts tensor '…' in …, which does not hold it`"),
+    ("test_a_sharded_base_whose_index_misplaces_or_repeats_a_tensor_is_refused", "a sharded base whose index puts a tensor in the other shard, or two shards holding one tensor", "exit 2, `… puts tensor '…' in …, which does not hold it` / `base tensor '…' is in both … and …`"),
     ("test_existing_output_needs_overwrite", "`--output` an existing directory, no `--overwrite`", "exit 2, the directory as it was"),
     ("test_an_output_inside_an_input_is_refused", "`--output` inside the base or adapter directory (with or without `--overwrite`)", "exit 2, `… is inside the base` / `adapter`; the inputs unchanged"),
     ("test_output_paths_an_unlucky_user_gives", "`--output` under a file, or `--overwrite` of a directory that holds an input or the working directory", "exit 2, `is not a directory` / `holds the adapter` / `holds the current directory`"),
     ("test_a_full_disk_names_the_file_being_written", "a disk that fills up during the merge", "exit 1, `No space left on device` naming the file being written; nothing left"),
+    ("test_a_full_disk_while_a_shard_is_written_names_the_shard", "a disk that fills up while a weights shard is written", "exit 1, `No space left on device: '…/model.safetensors'`; nothing left"),
 )  # fmt: skip
 REFUSALS = [row[0].removeprefix("refusal:") for row in MERGE_CATALOGUE if row[0].startswith("refusal:")]
 
@@ -356,8 +415,173 @@ def test_an_index_naming_a_tensor_no_shard_holds_is_refused(
     assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 0
 
 
-def test_an_output_inside_an_input_is_refused(
+def test_a_full_disk_while_a_shard_is_written_names_the_shard(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A write() that fails carries no file name of its own: the line must still say which."""
+    import errno
+
+    from merge import write as merge_write
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(merge_write, "write_tensor", full)
+    assert _run(*_args(demo, tmp_path / "merged")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert f"{tmp_path}/.merged.partial-" in err[0] and "model.safetensors" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _base_copy(demo: DemoPaths, dst: Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    shutil.copytree(demo.base, dst)
+    if tensors is not None:
+        with safe_open(dst / "model.safetensors", framework="pt") as f:
+            metadata = f.metadata()
+        save_file({**load_file(dst / "model.safetensors"), **tensors}, dst / "model.safetensors", metadata)
+    return dst
+
+
+def test_a_cast_beyond_the_dtypes_range_is_refused(
     demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bf16 value of 1e6 is inf in fp16 (largest 65504): a faithful cast of a value the model no
+    longer has, so the merge refuses it rather than write an infinite weight."""
+    name = "model.language_model.norm.weight"
+    weights = load_file(demo.base / "model.safetensors")
+    big = weights[name].clone()
+    big[3] = 1e6
+    base = _base_copy(demo, tmp_path / "base", {name: big})
+    out = tmp_path / "merged"
+    args = ["--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)]
+    assert _run(*args, "--dtype", "fp16") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"base tensor {name!r} holds values beyond F16's range" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert _run(*args, "--dtype", "fp32") == 0  # a dtype that holds it merges
+
+
+@pytest.mark.parametrize("where", ["sub/model.safetensors", "../base/model.safetensors", "ABSOLUTE", "", "."])
+def test_an_index_naming_files_outside_the_base_is_refused(
+    where: str, demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers joins each index entry to the checkpoint directory: an entry that is a path
+    names another checkpoint's shard (or two shards of one name), not one of this base's."""
+    base = _base_copy(demo, tmp_path / "base")
+    if where == "ABSOLUTE":
+        where = str(base / "model.safetensors")
+    with safe_open(base / "model.safetensors", framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    first = next(iter(weight_map))
+    (base / "sub").mkdir()
+    shutil.copy(base / "model.safetensors", base / "sub" / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {**weight_map, first: where}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "merged"
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"names {where!r}, not a file name in {base}" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def _with_header(path: Path, change: Any) -> None:
+    """Rewrite a safetensors file's JSON header through ``change`` (the data left as it is)."""
+    import struct
+
+    blob = path.read_bytes()
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + length])
+    change(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + length :])
+
+
+def _two_smallest(header: dict[str, Any]) -> tuple[str, str]:
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return names[0], names[1]
+
+
+def _overlap(header: dict[str, Any]) -> None:
+    first, second = _two_smallest(header)
+    begin, end = header[second]["data_offsets"]
+    shift = header[first]["data_offsets"][1] - header[first]["data_offsets"][0]
+    header[second]["data_offsets"] = [begin - min(shift, begin), end - min(shift, begin)]
+
+
+def _matrix(header: dict[str, Any]) -> dict[str, Any]:
+    """The header entry of the first tensor (in file order) that has dimensions."""
+    return next(header[k] for k in _two_smallest(header) + tuple(header) if header[k].get("shape"))
+
+
+HEADER_DAMAGE: dict[str, tuple[Any, str]] = {
+    "negative-dimension": (lambda h: _matrix(h).update(shape=[-1, -4]), "bad offsets or shape"),
+    "fractional-dimension": (lambda h: _matrix(h).update(shape=[d + 0.5 for d in _matrix(h)["shape"]]), "bad offsets or shape"),
+    "bool-offset": (lambda h: _matrix(h).update(data_offsets=[False, _matrix(h)["data_offsets"][1]]), "bad offsets or shape"),
+    "overlapping-tensors": (_overlap, "overlap: corrupt file"),
+    "metadata-not-strings": (lambda h: h.update(__metadata__={"format": ["pt"]}), "__metadata__ is not an object of strings"),
+    "dtype-not-a-string": (lambda h: _matrix(h).update(dtype=["F32"]), "unknown to this merge"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", sorted(HEADER_DAMAGE))
+def test_malformed_safetensors_headers_are_refused(
+    damage: str, demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What safetensors itself would refuse is refused here, from the header, in one line."""
+    change, needle = HEADER_DAMAGE[damage]
+    base = _base_copy(demo, tmp_path / "base")
+    _with_header(base / "model.safetensors", change)
+    out = tmp_path / "merged"
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def _sharded(demo: DemoPaths, dst: Path) -> tuple[Path, dict[str, str]]:
+    """The demo base in two shards (half its tensors each) with the index that says so."""
+    base = _base_copy(demo, dst)
+    weights = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    names = sorted(weights)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2]), 1):
+        file = f"model-0000{i}-of-00002.safetensors"
+        save_file({n: weights[n] for n in part}, base / file, {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return base, weight_map
+
+
+def test_a_sharded_base_whose_index_misplaces_or_repeats_a_tensor_is_refused(
+    demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tensor the index puts in the other shard, or a tensor two shards both hold: which one
+    transformers would load is not the merge's to guess."""
+    base, weight_map = _sharded(demo, tmp_path / "base")
+    out = tmp_path / "merged"
+    args = ["--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)]
+    assert _run(*args) == 0  # the sharded base as it is merges
+    shutil.rmtree(out)
+    name = next(n for n, f in weight_map.items() if f.startswith("model-00001"))
+    misplaced = {**weight_map, name: "model-00002-of-00002.safetensors"}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": misplaced}))
+    assert _run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"puts tensor {name!r} in model-00002-of-00002.safetensors" in err[0], err
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    second = base / "model-00002-of-00002.safetensors"
+    save_file({**load_file(second), name: load_file(base / weight_map[name])[name]}, second, {"format": "pt"})
+    assert _run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"base tensor {name!r} is in both" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_an_output_inside_an_input_is_refused(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base, adapter = (
         shutil.copytree(demo.base, tmp_path / "base"),
@@ -370,6 +594,17 @@ def test_an_output_inside_an_input_is_refused(
             assert _run(*args) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and f"is inside the {what}" in err[0], err
+    # The same directories reached through a symlink, or relative to the working directory.
+    (tmp_path / "link").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    for given_base, out in (
+        ("link", "base/merged"),
+        ("base", "link/merged"),
+        ("./link/", "./base/x/../merged"),
+    ):
+        assert _run("--base", given_base, "--adapter", "lora", "--output", out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside the base" in err[0], (given_base, out, err)
     assert {p: sorted(q.name for q in p.iterdir()) for p in (base, adapter)} == before
 
 

@@ -216,6 +216,47 @@ SCALE_CASES: dict[str, dict[str, object]] = {
 }
 
 
+CONFIG_SCALE_CASES: dict[str, dict[str, object]] = {
+    "rsLoRA": {"r": 16, "lora_alpha": 8, "use_rslora": True},
+    "rsLoRA with patterns": {
+        "r": 16, "lora_alpha": 32, "use_rslora": True,
+        "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"o_proj": 64},
+    },
+    "the first matching key wins": {"alpha_pattern": {r"layers\.0\.self_attn\.q_proj": 4, "q_proj": 64}},
+    "the first matching key wins, reversed": {"alpha_pattern": {"q_proj": 64, r"layers\.0\.self_attn\.q_proj": 4}},
+    "a key matching inside the name only": {"alpha_pattern": {"self_attn": 64}, "rank_pattern": {"layers": 2}},
+    "a key matching a part of a segment": {"alpha_pattern": {"proj": 64, "_proj": 32}},
+    "PEFT's defaults": {},
+    "r alone": {"r": 4},
+    "lora_alpha alone": {"lora_alpha": 3},
+}  # fmt: skip
+CONFIG_SCALE_MODULES = [
+    f"model.language_model.layers.{layer}.{module}"
+    for layer in (0, 1, 12)
+    for module in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
+]
+
+
+@pytest.mark.parametrize("case", list(CONFIG_SCALE_CASES))
+def test_the_second_reading_of_scales_equals_peft(tmp_path: Path, case: str) -> None:
+    """--verify's own reading of adapter_config.json (used where PEFT is not installed), against
+    PEFT's LoraConfig, on the rules a second reading could get wrong: rsLoRA's square root, which
+    pattern key decides (the first that matches a dotted tail of the name), and PEFT's defaults."""
+    from merge import scales
+
+    config = {
+        "peft_type": "LORA",
+        "target_modules": ["q_proj", "o_proj", "down_proj"],
+        **CONFIG_SCALE_CASES[case],
+    }
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    expected = scales.peft_scales(tmp_path, CONFIG_SCALE_MODULES)
+    assert scales.config_scales(config, CONFIG_SCALE_MODULES) == pytest.approx(expected, rel=1e-12)
+    # Keys that match only inside a name (not a dotted tail) decide nothing: the plain alpha / r.
+    if "inside" in case or "part of" in case:
+        assert set(expected.values()) == {1.0}
+
+
 @pytest.mark.parametrize("case", list(SCALE_CASES))
 def test_scales_equal_peft(demo: DemoPaths, tmp_path: Path, case: str) -> None:
     """The merge, and both of --verify's readings of the scale, against PEFT's own model."""

@@ -381,6 +381,72 @@ def test_the_weight_rule_never_passes_a_non_finite_value(value: float) -> None:
     assert verify_merge._check_merged(weight, merged, pair)["outside"] == 32  # row 3, every column
 
 
+def test_the_weight_rule_never_passes_an_overflow_to_infinity() -> None:
+    """W + delta just above fp16's largest value (65504) rounds to inf, and so do both ends of the
+    rule's interval: only the finiteness of the output keeps an overflowed weight out."""
+    import verify_merge
+
+    weight = torch.full((2, 4), 65000.0)
+    pair = merge_adapter.LoraPair("m", torch.ones(1, 4), torch.ones(2, 1), 600.0)
+    merged = merge_adapter.merged_tensor(weight, pair, torch.float16)
+    assert bool(torch.isinf(merged).all())
+    assert verify_merge._check_merged(weight, merged, pair)["outside"] == 8
+
+
+def test_the_weight_rule_holds_for_a_negative_scale() -> None:
+    """lora_alpha may be negative (PEFT takes any number): the slack is built from |scale|."""
+    import verify_merge
+
+    torch.manual_seed(3)
+    weight = torch.randn(32, 48)
+    pair = dataclasses.replace(_scaled_pair(8, 1e-2, 32, 48), scale=-0.37)
+    for out in (torch.float32, torch.bfloat16):
+        right = merge_adapter.merged_tensor(weight, pair, out)
+        assert verify_merge._check_merged(weight, right, pair)["outside"] == 0
+        assert verify_merge._check_merged(weight, right, dataclasses.replace(pair, scale=0.37))["outside"] > 0
+
+
+def test_verify_fails_on_a_cast_beyond_the_dtypes_range_even_past_the_refusal(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The merge refuses a bf16 value of 1e6 cast to fp16; were that refusal gone, the inf it
+    writes is the cast, bit for bit, and --verify must still fail it."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(demo.base, base)
+    name = "model.language_model.norm.weight"
+    weights = load_file(base / "model.safetensors")
+    weights[name] = weights[name].clone()
+    weights[name][3] = 1e6
+    save_file(weights, base / "model.safetensors", {"format": "pt"})
+    monkeypatch.setattr(merge_write, "cast", lambda item, source: source.to(torch.float16))
+    args = ["--base", str(base), "--adapter", str(demo.adapter), "--output", str(tmp_path / "merged")]
+    assert _run(*args, "--dtype", "fp16", "--verify", "--text-only") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verification failed" in err[0] and "beyond F16's range" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_verify_that_transformers_cannot_load_is_one_line(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever transformers objects to while --verify loads a model (memory, a config it rejects)
+    is one line and exit 2, and the merge it was checking is not left behind."""
+    import transformers
+
+    def refuse(*_: object, **__: object) -> None:
+        raise ValueError("the checkpoint's config is not one this transformers reads\nmore detail")
+
+    model_class = transformers.Gemma4ForCausalLM
+    monkeypatch.setattr(model_class, "from_pretrained", refuse)
+    assert _run(*_args(demo, tmp_path / "merged", "--verify", "--text-only")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verification: transformers cannot load" in err[0], err
+    assert "config is not one this transformers reads" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_verify_fails_on_a_nan_in_the_adapter_even_past_the_refusal(
     demo: DemoPaths,
@@ -399,6 +465,7 @@ def test_verify_fails_on_a_nan_in_the_adapter_even_past_the_refusal(
         return config, pairs
 
     monkeypatch.setattr(merge_adapter, "load_adapter", with_nan)
+    monkeypatch.setattr(merge_write, "_finite", lambda _, tensor: tensor)  # and the write's check too
     assert _run(*_args(demo, tmp_path / "merged", "--dtype", dtype, "--verify", "--text-only")) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "verification failed: weights WRONG" in err[0] and "q_proj" in err[0], err
