@@ -49,7 +49,15 @@ from merge.layout import (
 )
 from merge.lora import LoraPair, load_adapter, merged_tensor, plan_targets
 from merge.nf4 import NF4_BLOCKSIZE, lm_linear_weights, nf4_roundtrip
-from merge.output import check_output, clean_stale, make_parents, make_staging, remove_created, replace_dir
+from merge.output import (
+    check_output,
+    clean_stale,
+    make_parents,
+    make_staging,
+    remove_created,
+    replace_dir,
+    write_text,
+)
 from merge.safetensors_io import (
     CASTABLE,
     INDEX_NAME,
@@ -102,7 +110,7 @@ class Report:
     layout: str = "full"
     dtype: str = "auto"
     base_weights: str = "as-is"
-    scale: float = 0.0
+    scale: float | None = 0.0  # None: no module takes the top-level r and lora_alpha
     use_rslora: bool = False
     scale_overrides: dict[str, float] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
@@ -118,7 +126,20 @@ class Report:
     verification: dict[str, Any] | None = None
 
     def write(self, directory: Path) -> None:
-        (directory / "merge_report.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_text(directory / "merge_report.json", json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _default_scale(rank: Any, alpha: Any, rslora: bool) -> float | None:
+    """The scale of the modules no pattern overrides; None where the top-level r or lora_alpha is
+    unusable, which PEFT allows when rank_pattern / alpha_pattern cover every module (load_adapter
+    checks each module's own values)."""
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (rank, alpha)):
+        return None
+    try:
+        scale = alpha / (math.sqrt(rank) if rslora else rank)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        return None
+    return float(scale) if math.isfinite(scale) else None
 
 
 def resolve(name_or_path: str, what: str, patterns: Sequence[str] | None = None) -> Path:
@@ -185,8 +206,8 @@ def merge(
     if not config_path.exists():
         raise MergeError(f"base {base} has no config.json")
     config = read_json(config_path, "base config")
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
+    if quantization := config.get("quantization_config"):
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
         raise MergeError(f"base {base} is quantized ({method}); merge into the unquantized base")
     files = weight_files(base)
     index = base_index(files)
@@ -202,16 +223,18 @@ def merge(
 
     rslora = bool(adapter_config.get("use_rslora", False))
     rank, alpha = adapter_config.get("r", 8), adapter_config.get("lora_alpha", 8)
-    default_scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    default_scale = _default_scale(rank, alpha, rslora)
     report = Report(
         output=str(output),
         layout="text-only" if text_only else "full",
         dtype=dtype_name,
         base_weights=base_weights,
         use_rslora=rslora,
-        scale=float(default_scale),
+        scale=default_scale,
         scale_overrides={
-            p.module: p.scale for p in pairs.values() if not math.isclose(p.scale, default_scale)
+            p.module: p.scale
+            for p in pairs.values()
+            if default_scale is None or not math.isclose(p.scale, default_scale)
         },
     )
     report.base = {"path": str(base), "files": {f.name: sha256(f) for f in files}}
@@ -272,7 +295,7 @@ def merge(
             if "total_parameters" in base_meta:
                 index_meta["total_parameters"] = total_params
             index_doc = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
-            (staging / INDEX_NAME).write_text(json.dumps(index_doc, indent=2) + "\n")
+            write_text(staging / INDEX_NAME, json.dumps(index_doc, indent=2) + "\n")
         if nf4_names:
             errors = list(nf4_errors.values())
             report.nf4 = {
@@ -285,7 +308,7 @@ def merge(
         report.seconds["merge"] = round(time.perf_counter() - started - report.seconds["plan"], 3)
 
         out_config = output_config(config, dtype_name, text_only)
-        (staging / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+        write_text(staging / "config.json", json.dumps(out_config, indent=2) + "\n")
         for name in TOKENIZER_FILES + (() if text_only else PROCESSOR_FILES):
             if (base / name).exists():
                 shutil.copy2(base / name, staging / name)

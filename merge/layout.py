@@ -33,9 +33,10 @@ def output_name(key: str, text_only: bool) -> str | None:
 
 
 def text_only_config(config: dict[str, Any], dtype_name: str | None) -> dict[str, Any]:
-    text = dict(config.get("text_config") or {})
-    if not text:
+    text = config.get("text_config")
+    if not isinstance(text, dict) or not text:
         raise MergeError("base config.json has no text_config; is it a Gemma 4 checkpoint?")
+    text = dict(text)
     text["architectures"] = ["Gemma4ForCausalLM"]
     text["model_type"] = "gemma4_text"
     text["tie_word_embeddings"] = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))

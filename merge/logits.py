@@ -75,19 +75,21 @@ def prompt_ids(tokenizer_dir: Path, texts: Sequence[str] = VERIFY_TEXTS) -> list
     return ids
 
 
-def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(path: Path, dtype: torch.dtype, what: str) -> torch.nn.Module:
     import transformers
 
-    architectures = read_json(path / "config.json", "verification: config").get("architectures")
-    architecture = architectures[0] if isinstance(architectures, list) and architectures else ""
+    architectures = read_json(path / "config.json", f"verification: {what}'s config").get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else architectures
     model_class = getattr(transformers, str(architecture), None)
     if model_class is None:
-        raise MergeError(f"verification: architecture {architecture!r} of {path} is unknown to transformers")
+        raise MergeError(
+            f"verification: architecture {architecture!r} of the {what} is unknown to transformers"
+        )
     try:
         model: torch.nn.Module = model_class.from_pretrained(path, dtype=dtype).eval()
     except Exception as exc:  # noqa: BLE001 - whatever transformers objects to, the verdict is one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(f"verification: transformers cannot load {path} ({reason})") from None
+        raise MergeError(f"verification: transformers cannot load the {what} ({reason})") from None
     return model
 
 
@@ -206,12 +208,12 @@ def _verify(
     started = time.perf_counter()
     prompts = prompt_ids(base, texts)
 
-    model = load_model(merged, compute_dtype)
+    model = load_model(merged, compute_dtype, "merged checkpoint")
     merged_logits = logits(model, prompts)
     del model
     gc.collect()
 
-    model = load_model(base, compute_dtype)
+    model = load_model(base, compute_dtype, f"base {base}")
     base_logits = logits(model, prompts)
     attach_lora(model, targets)
     reference = logits(model, prompts)

@@ -35,6 +35,8 @@ UNMERGEABLE_OPTIONS = {
     "use_bdlora": "BD-LoRA (use_bdlora): its block-diagonal A or B is stored in blocks, not as W + BA's factors",
     "arrow_config": "Arrow (arrow_config): it routes each token among several LoRA experts",
 }
+# LoraConfig's options that are true or false (null taken as PEFT takes it: false).
+BOOLEAN_OPTIONS = ("use_rslora", "use_dora", "lora_bias", "use_qalora", "fan_in_fan_out")
 # PEFT's init_lora_weights values that leave the base weights as they are (B = 0 or A = 0 at the
 # start, or a random B A that training starts from): the saved adapter is a plain W + scale * B @ A.
 PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal", "mica"}
@@ -87,7 +89,8 @@ def _targeted(config: Mapping[str, Any], module: str) -> bool:
     if excluded and _names_module(excluded, module):
         return False
     targets = config.get("target_modules")
-    if not targets or targets == "all-linear":  # every linear (the adapter holds only those)
+    # Every linear (the adapter holds only those); PEFT lowercases the keyword.
+    if not targets or isinstance(targets, str) and targets.lower() == "all-linear":
         return True
     if isinstance(targets, str):
         return _names_module(targets, module)
@@ -128,7 +131,7 @@ def _check_types(config: Mapping[str, Any]) -> None:
     for option in ("target_modules", "exclude_modules"):
         spec = config.get(option)
         if spec is None or isinstance(spec, str):
-            if spec is not None and spec != "all-linear":
+            if spec is not None and spec.lower() != "all-linear":
                 _regex(spec, option)
         elif isinstance(spec, list):
             for name in spec:
@@ -147,12 +150,16 @@ def _check_types(config: Mapping[str, Any]) -> None:
     layers = config.get("layers_to_transform")
     items = layers if isinstance(layers, list) else [layers]
     if layers is not None and any(isinstance(i, bool) or not isinstance(i, int) for i in items):
-        raise MergeError(f"adapter layers_to_transform={layers!r} is neither a layer index nor a list of them")
+        raise MergeError(
+            f"adapter layers_to_transform={layers!r} is neither a layer index nor a list of them"
+        )
     pattern = config.get("layers_pattern")
     for name in pattern if isinstance(pattern, list) else [] if pattern is None else [pattern]:
         _regex(name, "layers_pattern")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise MergeError(f"adapter use_rslora={config['use_rslora']!r} is not true or false")
+    # A string "false" is truthy: taken as it stands it would turn an option on.
+    for option in BOOLEAN_OPTIONS:
+        if config.get(option) is not None and not isinstance(config[option], bool):
+            raise MergeError(f"adapter {option}={config[option]!r} is not true or false")
 
 
 def check_config(config: Mapping[str, Any]) -> None:

@@ -19,6 +19,16 @@ from pathlib import Path
 from merge.errors import MergeError
 
 
+def write_text(path: Path, text: str) -> None:
+    """``path.write_text``, with the file named when a write fails (a full disk names none)."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def check_output(output: Path, overwrite: bool, protected: Mapping[str, Path]) -> None:
     """A one-line refusal of the (absolute) output path: one inside an input, a parent that is not
     a directory, an output that exists without --overwrite, or one whose replacement would delete

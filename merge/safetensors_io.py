@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
 import struct
@@ -43,6 +42,8 @@ class Entry:
 
 def read_header(path: Path) -> tuple[dict[str, str], list[Entry]]:
     """A safetensors file's metadata and tensors (in file order), from its header alone."""
+    if not path.is_file():  # a FIFO would hang the read, a directory fail it with a traceback
+        raise MergeError(f"{path} is not a regular file")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -50,12 +51,14 @@ def read_header(path: Path) -> tuple[dict[str, str], list[Entry]]:
         if length > min(size - 8, 100_000_000):
             raise MergeError(f"{path} is not a safetensors file (bad header length)")
         try:
-            header = json.loads(f.read(length))
+            # Strict UTF-8 and no BOM, as safetensors reads it.
+            header = json.loads(f.read(length).decode("utf-8"))
         except ValueError:
             raise MergeError(f"{path} is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise MergeError(f"{path} is not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MergeError(f"{path} is not a safetensors file (__metadata__ is not an object of strings)")
     entries = []
@@ -66,17 +69,28 @@ def read_header(path: Path) -> tuple[dict[str, str], list[Entry]]:
             raise MergeError(f"{path} is not a safetensors file (bad entry for {name!r})") from None
         # What safetensors itself requires (a bool is an int to Python, not to a header).
         numbers = (begin, end, *shape)
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in numbers) or begin > end:
+        if (
+            any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**63 for n in numbers)
+            or begin > end
+        ):
             raise MergeError(f"{path} is not a safetensors file (bad offsets or shape for {name!r})")
         if not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise MergeError(f"{path.name}: tensor {name!r} has dtype {dtype}, unknown to this merge")
         if end - begin != math.prod(shape) * ST_DTYPES[dtype][0] or 8 + length + end > size:
             raise MergeError(f"{path.name}: tensor {name!r} is truncated or corrupt")
         entries.append(Entry(path, name, dtype, shape, 8 + length + begin, end - begin))
-    entries.sort(key=lambda e: e.start)
-    for before, after in itertools.pairwise(entries):
-        if after.start < before.start + before.nbytes:
-            raise MergeError(f"{path.name}: tensors {before.name!r} and {after.name!r} overlap: corrupt file")
+    # safetensors' own rule: the tensors fill the data from its first byte to the file's last, with
+    # no overlap and no gap (a zero-size tensor may share its offset with the next one).
+    entries.sort(key=lambda e: (e.start, e.nbytes))
+    position = 8 + length
+    for entry in entries:
+        if entry.start != position:
+            raise MergeError(
+                f"{path.name}: tensor {entry.name!r} overlaps another or leaves a gap before it: corrupt file"
+            )
+        position += entry.nbytes
+    if position != size:
+        raise MergeError(f"{path.name}: {size - position} bytes after the last tensor: corrupt file")
     return metadata, entries
 
 
@@ -99,10 +113,12 @@ def _weight_map(directory: Path, what: str) -> dict[str, str] | None:
     weight_map = read_json(index, f"{what} index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MergeError(f"{what} index {index} has no weight_map of tensor -> file names")
+    if not weight_map:
+        raise MergeError(f"{what} index {index} has an empty weight_map: it names no tensor")
     for file in weight_map.values():
         # transformers joins each name to the checkpoint's directory: a path elsewhere (or a
         # sub-directory's file, whose name another shard may share) is not this checkpoint's shard.
-        if file in ("", ".", "..") or Path(file).name != file:
+        if file in ("", ".", "..") or Path(file).name != file or not file.isprintable():
             raise MergeError(f"{what} index {index} names {file!r}, not a file name in {directory}")
     return weight_map
 
@@ -114,7 +130,7 @@ def weight_files(base: Path, what: str = "base") -> list[Path]:
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (base / n).exists()]
         if missing:
-            raise MergeError(f"{what} {base} index names {missing[0]}, which is missing")
+            raise MergeError(f"{what} {base} index names {missing[0]!r}, which is missing")
         return [base / n for n in names]
     files = sorted(base.glob("*.safetensors"))
     if not files:

@@ -51,12 +51,30 @@ def cast(item: Planned, source: torch.Tensor) -> torch.Tensor:
     """``source`` (part of a copied tensor) as the output dtype, refused where a finite value
     overflows it: a bf16 weight of 1e6 is infinite in fp16, a cast no model survives."""
     result = source.to(ST_DTYPES[item.dtype][1])
-    if not bool((torch.isfinite(result) | ~torch.isfinite(source)).all()):
-        raise MergeError(
-            f"base tensor {item.name!r} holds values beyond {item.dtype}'s range (largest "
-            f"{float(source.abs().max()):g}): choose a --dtype that holds them (bf16, fp32)"
-        )
-    return result
+    if not overflowed(source, result):
+        return result
+    largest = float(source[torch.isfinite(source)].abs().max())
+    raise MergeError(
+        f"base tensor {item.name!r} holds values beyond {item.dtype}'s range (largest {largest:g}): "
+        f"choose a --dtype that holds them, or leave --dtype out to keep the base's {item.source.dtype}"
+    )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no infinity, by the extremes alone (NaN propagates through them): a twentieth of
+    the time of isfinite().all() on 16 MiB of halves."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def overflowed(source: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether a cast made a finite value infinite. A widening cast never does, and most chunks are
+    all finite: those cost one cheap pass, not the full comparison."""
+    if torch.finfo(result.dtype).max >= torch.finfo(source.dtype).max or all_finite(result):
+        return False
+    return not bool((torch.isfinite(result) | ~torch.isfinite(source)).all())
 
 
 def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str]) -> dict[str, float]:
@@ -135,12 +153,12 @@ def _finite(item: Planned, tensor: torch.Tensor) -> torch.Tensor:
     """A merged (or NF4 round-tripped) weight that overflowed, or that a non-finite base value
     spoilt, is no model to write: the adapter's finite factors are checked on reading, so what is
     left is a scale or a dtype too large for these weights."""
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not all_finite(tensor):
         how = f"lora scale {item.pair.scale:g}, " if item.pair is not None else ""
         raise MergeError(
-            f"merged weight {item.name!r} would hold {bad} NaN or infinite values ({how}output "
-            f"{item.dtype}): lora_alpha too large, --dtype too narrow, or a non-finite base value"
+            f"merged weight {item.name!r} would hold NaN or infinite values ({how}output {item.dtype}): "
+            "the adapter's scale or factors are too large for it, --dtype too narrow, or the base "
+            "value is not finite"
         )
     return tensor
 

@@ -199,6 +199,15 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
             _adapter_copy(demo.adapter, tmp / "alpha-digits", config={"lora_alpha": 10**400}),
             "lora_alpha=1000000",
         ),
+        "weights-bytes-after-the-last-tensor": (
+            _broken(
+                demo.adapter,
+                tmp / "trailing",
+                "adapter_model.safetensors",
+                (demo.adapter / "adapter_model.safetensors").read_bytes() + bytes(8),
+            ),
+            "8 bytes after the last tensor",
+        ),
         "rslora-a-string": (
             _adapter_copy(demo.adapter, tmp / "rslora", config={"use_rslora": "false"}),
             "use_rslora='false' is not true or false",
@@ -216,6 +225,8 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
                 ("exclude_modules", "a-list-of-numbers", [1], "holds 1, not a module name"),
                 ("layers_to_transform", "a-string", "1", "neither a layer index nor a list"),
                 ("layers_pattern", "bad-regex", "layers(", "not a valid regular expression"),
+                ("fan_in_fan_out", "a-string", "false", "fan_in_fan_out='false' is not true or false"),
+                ("use_dora", "a-string", "false", "use_dora='false' is not true or false"),
             )
         },
         **{
@@ -295,6 +306,9 @@ MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("refusal:inf-in-lora-B", "an infinity in a `lora_B`", "exit 2, as above"),
     ("refusal:alpha-overflows-the-merge", "`lora_alpha: 1e308` (a merged weight overflows)", "exit 2, `merged weight '…' would hold … NaN or infinite values (lora scale …, output …): lora_alpha too large, --dtype too narrow, or a non-finite base value`"),
     ("refusal:alpha-beyond-any-float", "`lora_alpha` of 400 digits", "exit 2, `… lora_alpha=1000000… is not a number`"),
+    ("refusal:weights-bytes-after-the-last-tensor", "an `adapter_model.safetensors` that safetensors refuses (here: bytes after its last tensor; every case of the base's shards below applies)", "exit 2, `adapter_model.safetensors: 8 bytes after the last tensor: corrupt file`"),
+    ("refusal:fan_in_fan_out-a-string", "`fan_in_fan_out: \"false\"` (or any true/false option as a string)", "exit 2, `adapter fan_in_fan_out='false' is not true or false`"),
+    ("refusal:use_dora-a-string", "`use_dora: \"false\"`", "exit 2, as above"),
     ("refusal:rslora-a-string", "`use_rslora: \"false\"`", "exit 2, `adapter use_rslora='false' is not true or false`"),
     ("refusal:alpha_pattern-bad-regex", "an `alpha_pattern` key that is not a regular expression", "exit 2, `adapter alpha_pattern holds 'q_proj[', not a valid regular expression (…)`"),
     ("refusal:rank_pattern-a-list", "a `rank_pattern` that is a list", "exit 2, `adapter rank_pattern=… is not an object of pattern -> value`"),
@@ -308,13 +322,15 @@ MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("refusal:F8_E4M3-lora-A", "an fp8 `lora_A`", "exit 2, as above"),
     ("test_a_cast_beyond_the_dtypes_range_is_refused", "`--dtype fp16` of a base holding a value beyond fp16's range", "exit 2, `base tensor '…' holds values beyond F16's range (largest …): choose a --dtype that holds them (bf16, fp32)`"),
     ("test_an_index_naming_files_outside_the_base_is_refused", "a base index naming `sub/x.safetensors`, `../x.safetensors` or an absolute path", "exit 2, `base index … names '…', not a file name in …`"),
-    ("test_malformed_safetensors_headers_are_refused", "a base shard whose header has a negative or fractional dimension, a bool offset, overlapping tensors, non-string metadata or a dtype that is not a string", "exit 2, `… is not a safetensors file (…)` / `… overlap: corrupt file`"),
+    ("test_malformed_safetensors_headers_are_refused", "a base shard that safetensors itself would refuse: a negative, fractional or 2⁶³ dimension, a bool offset, overlapping tensors, a gap before or between them, bytes after the last, metadata that is not an object of strings, a byte-order mark, a dtype that is not a string", "exit 2, `… is not a safetensors file (…)` / `… overlaps another or leaves a gap before it: corrupt file` / `… bytes after the last tensor: corrupt file`"),
+    ("test_base_configs_and_indexes_of_the_wrong_shape_are_refused", "a base `config.json` whose `quantization_config` is a string or whose `text_config` is no object (`--text-only`); an index with an empty `weight_map`, or naming a directory or a FIFO", "exit 2, `base … is quantized (bnb)` / `has no text_config` / `has an empty weight_map` / `… is not a regular file`"),
     ("test_an_index_naming_a_tensor_no_shard_holds_is_refused", "a base index naming a tensor no shard holds", "exit 2, `base index … puts tensor '…' in …, which does not hold it`"),
     ("test_a_sharded_base_whose_index_misplaces_or_repeats_a_tensor_is_refused", "a sharded base whose index puts a tensor in the other shard, or two shards holding one tensor", "exit 2, `… puts tensor '…' in …, which does not hold it` / `base tensor '…' is in both … and …`"),
     ("test_existing_output_needs_overwrite", "`--output` an existing directory, no `--overwrite`", "exit 2, the directory as it was"),
     ("test_an_output_inside_an_input_is_refused", "`--output` inside the base or adapter directory (with or without `--overwrite`)", "exit 2, `… is inside the base` / `adapter`; the inputs unchanged"),
     ("test_output_paths_an_unlucky_user_gives", "`--output` under a file, or `--overwrite` of a directory that holds an input or the working directory", "exit 2, `is not a directory` / `holds the adapter` / `holds the current directory`"),
     ("test_a_full_disk_names_the_file_being_written", "a disk that fills up during the merge", "exit 1, `No space left on device` naming the file being written; nothing left"),
+    ("test_a_full_disk_while_config_json_is_written_names_it", "a disk that fills up while `config.json` (or the index, or the report) is written", "exit 1, `No space left on device: '…/config.json'`; nothing left"),
     ("test_a_full_disk_while_a_shard_is_written_names_the_shard", "a disk that fills up while a weights shard is written", "exit 1, `No space left on device: '…/model.safetensors'`; nothing left"),
 )  # fmt: skip
 REFUSALS = [row[0].removeprefix("refusal:") for row in MERGE_CATALOGUE if row[0].startswith("refusal:")]
@@ -485,17 +501,45 @@ def test_an_index_naming_files_outside_the_base_is_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
-def _with_header(path: Path, change: Any) -> None:
-    """Rewrite a safetensors file's JSON header through ``change`` (the data left as it is)."""
+def _with_header(path: Path, change: Any = None, data: Any = None, prefix: bytes = b"") -> None:
+    """Rewrite a safetensors file: its JSON header through ``change``, its data through ``data``
+    (given the changed header and the old data), ``prefix`` before the header's JSON."""
     import struct
 
     blob = path.read_bytes()
     length = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8 : 8 + length])
-    change(header)
-    new = json.dumps(header).encode()
+    header, body = json.loads(blob[8 : 8 + length]), blob[8 + length :]
+    if change is not None:
+        change(header)
+    if data is not None:
+        body = data(header, body)
+    new = prefix + json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + length :])
+    path.write_bytes(struct.pack("<Q", len(new)) + new + body)
+
+
+def _shift_after(header: dict[str, Any], first: int, by: int) -> None:
+    """Move every tensor from the ``first``-th (in file order) on by ``by`` bytes."""
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    for name in names[first:]:
+        header[name]["data_offsets"] = [o + by for o in header[name]["data_offsets"]]
+
+
+def _gap(first: int) -> Any:
+    """8 bytes of nothing before the ``first``-th tensor (in file order)."""
+
+    def data(header: dict[str, Any], body: bytes) -> bytes:
+        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        at = header[names[first]]["data_offsets"][0]
+        _shift_after(header, first, 8)
+        return body[:at] + bytes(8) + body[at:]
+
+    return data
+
+
+def _huge_empty(header: dict[str, Any]) -> None:
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["model.extra"] = {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [end, end]}
 
 
 def _two_smallest(header: dict[str, Any]) -> tuple[str, str]:
@@ -515,13 +559,19 @@ def _matrix(header: dict[str, Any]) -> dict[str, Any]:
     return next(header[k] for k in _two_smallest(header) + tuple(header) if header[k].get("shape"))
 
 
-HEADER_DAMAGE: dict[str, tuple[Any, str]] = {
-    "negative-dimension": (lambda h: _matrix(h).update(shape=[-1, -4]), "bad offsets or shape"),
-    "fractional-dimension": (lambda h: _matrix(h).update(shape=[d + 0.5 for d in _matrix(h)["shape"]]), "bad offsets or shape"),
-    "bool-offset": (lambda h: _matrix(h).update(data_offsets=[False, _matrix(h)["data_offsets"][1]]), "bad offsets or shape"),
-    "overlapping-tensors": (_overlap, "overlap: corrupt file"),
-    "metadata-not-strings": (lambda h: h.update(__metadata__={"format": ["pt"]}), "__metadata__ is not an object of strings"),
-    "dtype-not-a-string": (lambda h: _matrix(h).update(dtype=["F32"]), "unknown to this merge"),
+HEADER_DAMAGE: dict[str, tuple[dict[str, Any], str]] = {
+    "negative-dimension": ({"change": lambda h: _matrix(h).update(shape=[-1, -4])}, "bad offsets or shape"),
+    "fractional-dimension": ({"change": lambda h: _matrix(h).update(shape=[d + 0.5 for d in _matrix(h)["shape"]])}, "bad offsets or shape"),
+    "a-dimension-beyond-int64": ({"change": _huge_empty}, "bad offsets or shape"),
+    "bool-offset": ({"change": lambda h: _matrix(h).update(data_offsets=[False, _matrix(h)["data_offsets"][1]])}, "bad offsets or shape"),
+    "overlapping-tensors": ({"change": _overlap}, "overlaps another or leaves a gap before it: corrupt file"),
+    "a-gap-before-the-first-tensor": ({"data": _gap(0)}, "overlaps another or leaves a gap before it: corrupt file"),
+    "a-gap-between-tensors": ({"data": _gap(1)}, "overlaps another or leaves a gap before it: corrupt file"),
+    "bytes-after-the-last-tensor": ({"data": lambda h, body: body + bytes(8)}, "8 bytes after the last tensor: corrupt file"),
+    "metadata-not-strings": ({"change": lambda h: h.update(__metadata__={"format": ["pt"]})}, "__metadata__ is not an object of strings"),
+    "metadata-a-list": ({"change": lambda h: h.update(__metadata__=[])}, "__metadata__ is not an object of strings"),
+    "a-byte-order-mark": ({"prefix": b"\xef\xbb\xbf"}, "header is not JSON"),
+    "dtype-not-a-string": ({"change": lambda h: _matrix(h).update(dtype=["F32"])}, "unknown to this merge"),
 }  # fmt: skip
 
 
@@ -530,9 +580,9 @@ def test_malformed_safetensors_headers_are_refused(
     damage: str, demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """What safetensors itself would refuse is refused here, from the header, in one line."""
-    change, needle = HEADER_DAMAGE[damage]
+    how, needle = HEADER_DAMAGE[damage]
     base = _base_copy(demo, tmp_path / "base")
-    _with_header(base / "model.safetensors", change)
+    _with_header(base / "model.safetensors", **how)
     out = tmp_path / "merged"
     assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -578,6 +628,109 @@ def test_a_sharded_base_whose_index_misplaces_or_repeats_a_tensor_is_refused(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"base tensor {name!r} is in both" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_a_full_disk_while_config_json_is_written_names_it(
+    demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    write_text = Path.write_text
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert _run(*_args(demo, tmp_path / "merged")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "config.json" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_top_level_r_and_alpha_that_every_pattern_overrides_are_not_used(
+    demo: DemoPaths, tmp_path: Path
+) -> None:
+    """PEFT reads r and lora_alpha of a module from rank_pattern / alpha_pattern where a key
+    matches: top-level values that no module takes (here r 0, alpha a string) must not matter."""
+    config = {"r": 0, "lora_alpha": "x", "rank_pattern": {".*": 16}, "alpha_pattern": {".*": 32}}
+    adapter = _adapter_copy(demo.adapter, tmp_path / "adapter", config=config)
+    out = tmp_path / "merged"
+    assert (
+        _run("--base", str(demo.base), "--adapter", str(adapter), "--output", str(out), "--dtype", "fp32")
+        == 0
+    )
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["scale"] is None and set(report["scale_overrides"].values()) == {2.0}
+
+
+@pytest.mark.parametrize(
+    ("config", "pairs"),
+    [({"target_modules": "ALL-LINEAR"}, 34), ({"use_rslora": None, "exclude_modules": None}, 34)],
+)
+def test_config_values_peft_takes_are_taken(
+    demo: DemoPaths, tmp_path: Path, config: dict, pairs: int
+) -> None:
+    """PEFT lowercases all-linear and reads null options as their defaults."""
+    adapter = _adapter_copy(demo.adapter, tmp_path / "adapter", config=config)
+    assert len(merge_adapter.load_adapter(adapter)[1]) == pairs
+
+
+def test_base_configs_and_indexes_of_the_wrong_shape_are_refused(
+    demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A quantization_config that is a string, a text_config that is a list (--text-only), an
+    empty weight_map, an index naming a directory or a FIFO: one line each, never a traceback or a hang."""
+    import os
+
+    base = _base_copy(demo, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    with safe_open(base / "model.safetensors", framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    (base / "sub").mkdir()
+    cases = [
+        ({**config, "quantization_config": "bnb"}, None, (), "is quantized (bnb)"),
+        ({**config, "text_config": [1]}, None, ("--text-only",), "has no text_config"),
+        (config, {}, (), "has an empty weight_map"),
+        (config, {**weight_map, next(iter(weight_map)): "sub"}, (), "sub is not a regular file"),
+        (
+            config,
+            {**weight_map, next(iter(weight_map)): "pipe.safetensors"},
+            (),
+            "pipe.safetensors is not a regular file",
+        ),
+        (config, None, (), "pipe.safetensors is not a regular file"),  # found by *.safetensors
+    ]
+    out = tmp_path / "merged"
+    for base_config, index, extra, needle in cases:
+        if "pipe" in needle and not (base / "pipe.safetensors").exists():
+            os.mkfifo(base / "pipe.safetensors")
+        (base / "config.json").write_text(json.dumps(base_config))
+        (base / "model.safetensors.index.json").unlink(missing_ok=True)
+        if index is not None:
+            (base / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": index})
+            )
+        assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out), *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (needle, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_a_zero_size_tensor_sharing_an_offset_is_a_valid_shard(demo: DemoPaths, tmp_path: Path) -> None:
+    """safetensors lets a tensor of no bytes start where the next one starts, whatever the order
+    of the header: the data is still contiguous."""
+    base = _base_copy(demo, tmp_path / "base")
+
+    def empty_last(header: dict[str, Any]) -> None:  # last in the header, first at its offset
+        start = header[_two_smallest(header)[1]]["data_offsets"][0]
+        header["model.empty"] = {"dtype": "F32", "shape": [0, 4], "data_offsets": [start, start]}
+
+    _with_header(base / "model.safetensors", empty_last)
+    out = tmp_path / "merged"
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 0
+    assert load_file(out / "model.safetensors")["model.empty"].shape == (0, 4)
 
 
 def test_an_output_inside_an_input_is_refused(
