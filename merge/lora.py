@@ -156,9 +156,10 @@ def _check_types(config: Mapping[str, Any]) -> None:
     pattern = config.get("layers_pattern")
     for name in pattern if isinstance(pattern, list) else [] if pattern is None else [pattern]:
         _regex(name, "layers_pattern")
-    # A string "false" is truthy: taken as it stands it would turn an option on.
+    # A string "false" is truthy: taken as it stands it would turn an option on. PEFT saves what
+    # it was given, so 0 and 1 are read as it reads them.
     for option in BOOLEAN_OPTIONS:
-        if config.get(option) is not None and not isinstance(config[option], bool):
+        if config.get(option) not in (None, True, False):
             raise MergeError(f"adapter {option}={config[option]!r} is not true or false")
 
 
@@ -325,5 +326,7 @@ def merged_tensor(weight: torch.Tensor, pair: LoraPair, dtype: torch.dtype) -> t
     with ``pair.b`` the same rows of B. The delta is formed first and W added to it last, so that
     W takes one rounding: merge/verify.py's WEIGHT_RULE proves its bound for exactly this order (a
     fused addmm may add W into a partial sum more than once)."""
-    delta = torch.mm(pair.b.to(torch.float32), pair.a.to(torch.float32)).mul_(pair.scale)
+    # fp32, as WEIGHT_RULE bounds it; an fp64 base (or output) keeps its own precision.
+    compute = torch.float64 if torch.float64 in (weight.dtype, dtype) else torch.float32
+    delta = torch.mm(pair.b.to(compute), pair.a.to(compute)).mul_(pair.scale)
     return delta.add_(weight).to(dtype).contiguous()

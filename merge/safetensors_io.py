@@ -96,6 +96,8 @@ def read_header(path: Path) -> tuple[dict[str, str], list[Entry]]:
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``, or a one-line MergeError saying what is wrong with it."""
+    if not path.is_file():  # a FIFO would hang the read
+        raise MergeError(f"{what} {path} is not a regular file")
     try:
         document = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:

@@ -208,6 +208,7 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
             ),
             "8 bytes after the last tensor",
         ),
+        "config-a-fifo": (_fifo_config(demo.adapter, tmp / "fifo"), "is not a regular file"),
         "rslora-a-string": (
             _adapter_copy(demo.adapter, tmp / "rslora", config={"use_rslora": "false"}),
             "use_rslora='false' is not true or false",
@@ -227,6 +228,8 @@ def _refusals(demo: DemoPaths, tmp: Path) -> dict[str, tuple[Path, str]]:
                 ("layers_pattern", "bad-regex", "layers(", "not a valid regular expression"),
                 ("fan_in_fan_out", "a-string", "false", "fan_in_fan_out='false' is not true or false"),
                 ("use_dora", "a-string", "false", "use_dora='false' is not true or false"),
+                ("lora_bias", "a-string", "false", "lora_bias='false' is not true or false"),
+                ("use_qalora", "a-string", "no", "use_qalora='no' is not true or false"),
             )
         },
         **{
@@ -264,6 +267,16 @@ def _poisoned(lora: dict[str, torch.Tensor], half: str, value: float) -> dict[st
     return {**lora, key: tensor}
 
 
+def _fifo_config(src: Path, dst: Path) -> Path:
+    """An adapter whose adapter_config.json is a named pipe (a read would block for ever)."""
+    import os
+
+    shutil.copytree(src, dst)
+    (dst / "adapter_config.json").unlink()
+    os.mkfifo(dst / "adapter_config.json")
+    return dst
+
+
 def _broken(src: Path, dst: Path, name: str, content: bytes) -> Path:
     shutil.copytree(src, dst)
     (dst / name).write_bytes(content)
@@ -277,6 +290,7 @@ MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("refusal:missing", "`--adapter` a directory that does not exist", "exit 2, `no such directory (and not a hub id 'org/name')`"),
     ("test_hub_id_without_network_is_a_clear_error", "`--base google/gemma-4-E4B-it` with no network", "exit 2, `base 'google/gemma-4-E4B-it' is not a local directory and could not be fetched …`"),
     ("refusal:config-not-json", "an `adapter_config.json` that is not JSON", "exit 2, `… is not valid JSON (…)`"),
+    ("refusal:config-a-fifo", "an `adapter_config.json` (or a base's `config.json` or index) that is a named pipe", "exit 2, `adapter config … is not a regular file` (no read that blocks for ever)"),
     ("refusal:config-not-object", "an `adapter_config.json` holding a list", "exit 2, `… is not a JSON object`"),
     ("refusal:weights-corrupt", "an `adapter_model.safetensors` with a broken header", "exit 2, `… is not a safetensors file (bad header length)`"),
     ("refusal:not-lora", "an IA3 adapter", "exit 2, `adapter peft_type 'IA3' is not LORA`"),
@@ -304,11 +318,13 @@ MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("refusal:nan-in-lora-B", "a NaN in a `lora_B`", "exit 2, as above, naming the `lora_B`"),
     ("refusal:inf-in-lora-A", "an infinity in a `lora_A`", "exit 2, as above"),
     ("refusal:inf-in-lora-B", "an infinity in a `lora_B`", "exit 2, as above"),
-    ("refusal:alpha-overflows-the-merge", "`lora_alpha: 1e308` (a merged weight overflows)", "exit 2, `merged weight '…' would hold … NaN or infinite values (lora scale …, output …): lora_alpha too large, --dtype too narrow, or a non-finite base value`"),
+    ("refusal:alpha-overflows-the-merge", "`lora_alpha: 1e308` (a merged weight overflows)", "exit 2, `merged weight '…' would hold NaN or infinite values (lora scale …, output …): the adapter's scale or factors are too large for it, --dtype too narrow, or the base value is not finite`"),
     ("refusal:alpha-beyond-any-float", "`lora_alpha` of 400 digits", "exit 2, `… lora_alpha=1000000… is not a number`"),
     ("refusal:weights-bytes-after-the-last-tensor", "an `adapter_model.safetensors` that safetensors refuses (here: bytes after its last tensor; every case of the base's shards below applies)", "exit 2, `adapter_model.safetensors: 8 bytes after the last tensor: corrupt file`"),
     ("refusal:fan_in_fan_out-a-string", "`fan_in_fan_out: \"false\"` (or any true/false option as a string)", "exit 2, `adapter fan_in_fan_out='false' is not true or false`"),
     ("refusal:use_dora-a-string", "`use_dora: \"false\"`", "exit 2, as above"),
+    ("refusal:lora_bias-a-string", "`lora_bias: \"false\"`", "exit 2, as above"),
+    ("refusal:use_qalora-a-string", "`use_qalora: \"no\"`", "exit 2, as above"),
     ("refusal:rslora-a-string", "`use_rslora: \"false\"`", "exit 2, `adapter use_rslora='false' is not true or false`"),
     ("refusal:alpha_pattern-bad-regex", "an `alpha_pattern` key that is not a regular expression", "exit 2, `adapter alpha_pattern holds 'q_proj[', not a valid regular expression (…)`"),
     ("refusal:rank_pattern-a-list", "a `rank_pattern` that is a list", "exit 2, `adapter rank_pattern=… is not an object of pattern -> value`"),
@@ -320,10 +336,12 @@ MERGE_CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("refusal:I64-lora-A", "an integer `lora_A`", "exit 2, `adapter tensor '…' is I64; LoRA weights are F16, BF16, F32 or F64`"),
     ("refusal:BOOL-lora-A", "a boolean `lora_A`", "exit 2, as above"),
     ("refusal:F8_E4M3-lora-A", "an fp8 `lora_A`", "exit 2, as above"),
-    ("test_a_cast_beyond_the_dtypes_range_is_refused", "`--dtype fp16` of a base holding a value beyond fp16's range", "exit 2, `base tensor '…' holds values beyond F16's range (largest …): choose a --dtype that holds them (bf16, fp32)`"),
+    ("test_a_cast_beyond_the_dtypes_range_is_refused", "`--dtype fp16` of a base holding a value beyond fp16's range", "exit 2, `base tensor '…' holds values beyond F16's range (largest …): choose a --dtype that holds them, or leave --dtype out to keep the base's BF16`"),
     ("test_an_index_naming_files_outside_the_base_is_refused", "a base index naming `sub/x.safetensors`, `../x.safetensors` or an absolute path", "exit 2, `base index … names '…', not a file name in …`"),
     ("test_malformed_safetensors_headers_are_refused", "a base shard that safetensors itself would refuse: a negative, fractional or 2⁶³ dimension, a bool offset, overlapping tensors, a gap before or between them, bytes after the last, metadata that is not an object of strings, a byte-order mark, a dtype that is not a string", "exit 2, `… is not a safetensors file (…)` / `… overlaps another or leaves a gap before it: corrupt file` / `… bytes after the last tensor: corrupt file`"),
-    ("test_base_configs_and_indexes_of_the_wrong_shape_are_refused", "a base `config.json` whose `quantization_config` is a string or whose `text_config` is no object (`--text-only`); an index with an empty `weight_map`, or naming a directory or a FIFO", "exit 2, `base … is quantized (bnb)` / `has no text_config` / `has an empty weight_map` / `… is not a regular file`"),
+    ("test_base_configs_and_indexes_of_the_wrong_shape_are_refused", "a base `config.json` whose `quantization_config` is a string, whose `text_config` is no object (`--text-only`), or that transformers cannot read (`--base-weights nf4`); an index with an empty `weight_map`, or naming a directory or a FIFO", "exit 2, `base … is quantized (bnb)` / `has no text_config` / `has an empty weight_map` / `… is not a regular file`"),
+    ("test_infinite_clip_bounds_are_copied_through_every_dtype", "a base whose clip bounds are ±inf (Gemma 4's defaults), any `--dtype`", "exit 0: a value never finite is copied as it is; only a finite value made infinite is refused"),
+    ("test_a_nan_in_a_weight_only_nf4_touches_is_refused", "`--base-weights nf4` of a base with a NaN in a linear weight the adapter does not target", "exit 2, `merged weight '…' would hold NaN or infinite values …`"),
     ("test_an_index_naming_a_tensor_no_shard_holds_is_refused", "a base index naming a tensor no shard holds", "exit 2, `base index … puts tensor '…' in …, which does not hold it`"),
     ("test_a_sharded_base_whose_index_misplaces_or_repeats_a_tensor_is_refused", "a sharded base whose index puts a tensor in the other shard, or two shards holding one tensor", "exit 2, `… puts tensor '…' in …, which does not hold it` / `base tensor '…' is in both … and …`"),
     ("test_existing_output_needs_overwrite", "`--output` an existing directory, no `--overwrite`", "exit 2, the directory as it was"),
@@ -478,7 +496,10 @@ def test_a_cast_beyond_the_dtypes_range_is_refused(
     assert _run(*args, "--dtype", "fp32") == 0  # a dtype that holds it merges
 
 
-@pytest.mark.parametrize("where", ["sub/model.safetensors", "../base/model.safetensors", "ABSOLUTE", "", "."])
+@pytest.mark.parametrize(
+    "where",
+    ["sub/model.safetensors", "../base/model.safetensors", "ABSOLUTE", "", ".", "model\n.safetensors"],
+)
 def test_an_index_naming_files_outside_the_base_is_refused(
     where: str, demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -693,6 +714,13 @@ def test_base_configs_and_indexes_of_the_wrong_shape_are_refused(
         ({**config, "quantization_config": "bnb"}, None, (), "is quantized (bnb)"),
         ({**config, "text_config": [1]}, None, ("--text-only",), "has no text_config"),
         (config, {}, (), "has an empty weight_map"),
+        ({**config, "architectures": [5]}, None, ("--base-weights", "nf4"), "base architecture 5 is unknown"),
+        (
+            {**config, "model_type": "no_such_model"},
+            None,
+            ("--base-weights", "nf4"),
+            "not one transformers reads",
+        ),
         (config, {**weight_map, next(iter(weight_map)): "sub"}, (), "sub is not a regular file"),
         (
             config,
@@ -731,6 +759,78 @@ def test_a_zero_size_tensor_sharing_an_offset_is_a_valid_shard(demo: DemoPaths, 
     out = tmp_path / "merged"
     assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 0
     assert load_file(out / "model.safetensors")["model.empty"].shape == (0, 4)
+
+
+def test_the_report_gives_the_scale_of_the_modules_no_pattern_overrides(
+    demo: DemoPaths, merged_full: Path
+) -> None:
+    config = json.loads((demo.adapter / "adapter_config.json").read_text())
+    report = json.loads((merged_full / "merge_report.json").read_text())
+    assert report["scale"] == config["lora_alpha"] / config["r"] and report["scale_overrides"] == {}
+
+
+def test_infinite_clip_bounds_are_copied_through_every_dtype(demo: DemoPaths, tmp_path: Path) -> None:
+    """Gemma 4's ClippableLinear bounds default to +-inf: a copy (or cast) of a value that was
+    never finite is faithful, and only a finite value made infinite is refused."""
+    weights = load_file(demo.base / "model.safetensors")
+    bounds = {k: torch.full_like(v, float("inf") if k.endswith("_max") else float("-inf"))
+              for k, v in weights.items() if k.endswith(("input_max", "input_min", "output_max", "output_min"))}  # fmt: skip
+    assert bounds
+    base = _base_copy(demo, tmp_path / "base", bounds)
+    for dtype in ("fp16", "fp32", "bf16"):
+        out = tmp_path / dtype
+        assert (
+            _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out), "--dtype", dtype)
+            == 0
+        )
+        merged = load_file(out / "model.safetensors")
+        assert all(torch.equal(merged[k].float(), v.float()) for k, v in bounds.items()), dtype
+
+
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "fp32"]])  # written whole, or cast a block at a time
+def test_a_nan_in_a_weight_only_nf4_touches_is_refused(
+    dtype: list[str], demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--base-weights nf4 round-trips the language model's linears the adapter does not target too
+    (per_layer_input_gate here): a NaN there is no weight to write either."""
+    name = "model.language_model.layers.0.per_layer_input_gate.weight"
+    weights = load_file(demo.base / "model.safetensors")
+    poisoned = weights[name].clone()
+    poisoned[0, 0] = float("nan")
+    base = _base_copy(demo, tmp_path / "base", {name: poisoned})
+    out = tmp_path / "merged"
+    args = [
+        "--base",
+        str(base),
+        "--adapter",
+        str(demo.adapter),
+        "--output",
+        str(out),
+        "--base-weights",
+        "nf4",
+    ]
+    assert _run(*args, *dtype) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"merged weight {name!r} would hold NaN" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_an_fp64_base_is_merged_in_fp64(demo: DemoPaths, tmp_path: Path) -> None:
+    """An F64 base kept as F64 (no --dtype) is not rounded through fp32 on the way."""
+    weights = load_file(demo.base / "model.safetensors")
+    base = _base_copy(
+        demo, tmp_path / "base", {k: v.double() for k, v in weights.items() if v.is_floating_point()}
+    )
+    out = tmp_path / "merged"
+    assert _run("--base", str(base), "--adapter", str(demo.adapter), "--output", str(out)) == 0
+    _, pairs = merge_adapter.load_adapter(demo.adapter)
+    module = "model.language_model.layers.0.self_attn.q_proj"
+    pair = pairs[module]
+    w = load_file(base / "model.safetensors")[f"{module}.weight"]
+    expected = w + pair.scale * (pair.b.double() @ pair.a.double())
+    got = load_file(out / "model.safetensors")[f"{module}.weight"]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_an_output_inside_an_input_is_refused(

@@ -1,6 +1,6 @@
 """The CI variant of the soak (benchmarks/soak.py; the 10-minute run is in BENCHMARKS.md): locust at
-saturation against the real vLLM CPU server, zero failed or schema-invalid answers, memory flat on
-both sides."""
+saturation against the real vLLM CPU server (two minutes of warm-up, one measured), zero failed or
+schema-invalid answers, memory flat on both sides."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_short_soak_has_no_failures_and_flat_memory(server: Any, tmp_path: Path)
     proc = subprocess.run(
         [
             sys.executable, "benchmarks/soak.py", "--host", server.root_url,
-            "--server-pid", str(server.process.pid), "--users", "16", "--warmup", "60s",
+            "--server-pid", str(server.process.pid), "--users", "16", "--warmup", "120s",
             "--duration", "60s", "--interval", "1", "--out", str(out), "--csv-prefix", str(tmp_path / "soak"),
         ],
         capture_output=True,
