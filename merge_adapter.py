@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from merge.errors import MergeError
+from merge.errors import MergeError, first_line
 from merge.layout import (
     PROCESSOR_FILES,
     TOKENIZER_FILES,
@@ -156,10 +156,9 @@ def resolve(name_or_path: str, what: str, patterns: Sequence[str] | None = None)
 
         return Path(snapshot_download(name_or_path, allow_patterns=list(patterns) if patterns else None))
     except Exception as exc:  # noqa: BLE001 - any hub failure ends in the same one-line message
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MergeError(
             f"{what} {name_or_path!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face Hub ({reason}); download it where a network exists and pass the directory"
+            f"Hugging Face Hub ({first_line(exc)}); download it where a network exists and pass the directory"
         ) from None
 
 

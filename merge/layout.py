@@ -17,6 +17,19 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_p
 CONFIG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+def architecture_class(architectures: object) -> tuple[object, type[Any] | None]:
+    """config.json's first architecture, and the transformers model class of that name (None where
+    transformers has none)."""
+    import torch
+    import transformers
+
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else architectures
+    model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
+    if not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
+        return architecture, None
+    return architecture, model_class
+
+
 def is_language_model(key: str) -> bool:
     return key.startswith(LM_PREFIX) or key == "lm_head.weight"
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from merge.errors import MergeError
+from merge.errors import MergeError, first_line
+from merge.layout import architecture_class
 from merge.lora import LoraPair
 from merge.nf4 import nf4_roundtrip
 from merge.safetensors_io import read_json
@@ -76,11 +77,8 @@ def prompt_ids(tokenizer_dir: Path, texts: Sequence[str] = VERIFY_TEXTS) -> list
 
 
 def load_model(path: Path, dtype: torch.dtype, what: str) -> torch.nn.Module:
-    import transformers
-
-    architectures = read_json(path / "config.json", f"verification: {what}'s config").get("architectures")
-    architecture = architectures[0] if isinstance(architectures, list) and architectures else architectures
-    model_class = getattr(transformers, str(architecture), None)
+    config = read_json(path / "config.json", f"verification: {what}'s config")
+    architecture, model_class = architecture_class(config.get("architectures"))
     if model_class is None:
         raise MergeError(
             f"verification: architecture {architecture!r} of the {what} is unknown to transformers"
@@ -88,8 +86,7 @@ def load_model(path: Path, dtype: torch.dtype, what: str) -> torch.nn.Module:
     try:
         model: torch.nn.Module = model_class.from_pretrained(path, dtype=dtype).eval()
     except Exception as exc:  # noqa: BLE001 - whatever transformers objects to, the verdict is one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(f"verification: transformers cannot load the {what} ({reason})") from None
+        raise MergeError(f"verification: transformers cannot load the {what} ({first_line(exc)})") from None
     return model
 
 

@@ -125,6 +125,11 @@ def _regex(key: object, where: str) -> None:
         raise MergeError(f"adapter {where} holds {key!r}, not a valid regular expression ({exc})") from None
 
 
+def _as_list(value: object) -> list[Any]:
+    """An option that PEFT takes as one value or a list of them, as a list (None: empty)."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def _check_types(config: Mapping[str, Any]) -> None:
     """The options that choose modules and scales hold what PEFT's LoraConfig takes: a wrong type
     is a one-line refusal here, not a traceback (or a silently different meaning) later."""
@@ -148,13 +153,11 @@ def _check_types(config: Mapping[str, Any]) -> None:
         for key in patterns:
             _regex(key, option)
     layers = config.get("layers_to_transform")
-    items = layers if isinstance(layers, list) else [layers]
-    if layers is not None and any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in _as_list(layers)):
         raise MergeError(
             f"adapter layers_to_transform={layers!r} is neither a layer index nor a list of them"
         )
-    pattern = config.get("layers_pattern")
-    for name in pattern if isinstance(pattern, list) else [] if pattern is None else [pattern]:
+    for name in _as_list(config.get("layers_pattern")):
         _regex(name, "layers_pattern")
     # A string "false" is truthy: taken as it stands it would turn an option on. PEFT saves what
     # it was given, so 0 and 1 are read as it reads them.
@@ -265,7 +268,7 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
         mod_rank = _pattern_value(config.get("rank_pattern") or {}, module, rank)
         mod_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha)
         for what, value in (("r", mod_rank), ("lora_alpha", mod_alpha)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not _finite_number(value):
                 raise MergeError(f"adapter module {module!r}: {what}={_short(value)} is not a number")
         if mod_rank <= 0:
             raise MergeError(f"adapter module {module!r}: r={mod_rank!r} is not a positive rank")
@@ -281,7 +284,7 @@ def load_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, LoraPair]]:
     return config, pairs
 
 
-def _finite(value: float) -> bool:
+def _finite_number(value: float) -> bool:
     try:
         return math.isfinite(value)
     except OverflowError:  # an int beyond any float (JSON allows 400 digits)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from merge import limits
-from merge.errors import MergeError
-from merge.layout import LM_PREFIX
+from merge.errors import MergeError, first_line
+from merge.layout import LM_PREFIX, architecture_class
 from merge.safetensors_io import Entry
 
 NF4_BLOCKSIZE = 64
@@ -123,11 +123,6 @@ def nf4_roundtrip(
     return out.reshape(weight.shape)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def lm_linear_weights(base: Path, index: Mapping[str, Entry]) -> list[str]:
     """The language model's nn.Linear weights: what a 4-bit (QLoRA) load quantizes. The embeddings
     and the tied output head stay in 16 bits there, and so here."""
@@ -136,11 +131,9 @@ def lm_linear_weights(base: Path, index: Mapping[str, Entry]) -> list[str]:
     try:
         config = transformers.AutoConfig.from_pretrained(base)
     except Exception as exc:  # noqa: BLE001 - whatever transformers objects to in config.json, one line
-        raise MergeError(f"base config.json is not one transformers reads ({_first_line(exc)})") from None
-    architectures = getattr(config, "architectures", None)
-    architecture = architectures[0] if isinstance(architectures, list) and architectures else architectures
-    model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
-    if not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
+        raise MergeError(f"base config.json is not one transformers reads ({first_line(exc)})") from None
+    architecture, model_class = architecture_class(getattr(config, "architectures", None))
+    if model_class is None:
         raise MergeError(
             f"base architecture {architecture!r} is unknown to transformers; cannot find its linears"
         )
@@ -148,7 +141,7 @@ def lm_linear_weights(base: Path, index: Mapping[str, Entry]) -> list[str]:
         with torch.device("meta"):
             model = model_class(config)
     except Exception as exc:  # noqa: BLE001 - as above: a config the model class rejects
-        raise MergeError(f"base config.json does not build a {architecture} ({_first_line(exc)})") from None
+        raise MergeError(f"base config.json does not build a {architecture} ({first_line(exc)})") from None
     names = [
         f"{name}.weight"
         for name, module in model.named_modules()

@@ -19,14 +19,21 @@ from pathlib import Path
 from merge.errors import MergeError
 
 
-def write_text(path: Path, text: str) -> None:
-    """``path.write_text``, with the file named when a write fails (a full disk names none)."""
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError inside names ``path`` where it names no file: a write() on a full disk or a
+    read-only target does not say which file it was writing."""
     try:
-        path.write_text(text)
+        yield
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with naming(path):
+        path.write_text(text)
 
 
 def check_output(output: Path, overwrite: bool, protected: Mapping[str, Path]) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from merge.errors import MergeError
+from merge.errors import MergeError, first_line
 from merge.safetensors_io import read_json
 
 # Where adapter_config.json leaves them out, PEFT's LoraConfig defaults.
@@ -63,8 +63,7 @@ def peft_scales(adapter: Path, modules: Iterable[str]) -> dict[str, float]:
             layer = Linear(torch.nn.Linear(1, 1, bias=False), "default", config, r=r, lora_alpha=alpha)
             scales[module] = float(layer.scaling["default"])
     except Exception as exc:  # noqa: BLE001 - whatever PEFT objects to, the verdict is the same
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(f"verification: PEFT cannot read the adapter's scales ({reason})") from None
+        raise MergeError(f"verification: PEFT cannot read the adapter's scales ({first_line(exc)})") from None
     return scales
 
 

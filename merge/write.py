@@ -17,6 +17,7 @@ from merge import limits
 from merge.errors import MergeError
 from merge.lora import LoraPair, merged_tensor
 from merge.nf4 import nf4_roundtrip
+from merge.output import naming
 from merge.safetensors_io import ST_DTYPES, Entry, read_exactly, read_tensor, write_tensor
 
 
@@ -100,7 +101,7 @@ def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str
     sources: dict[Path, io.RawIOBase] = {}
     nf4_errors: dict[str, float] = {}
     try:
-        with path.open("wb") as dst:
+        with naming(path), path.open("wb") as dst:
             dst.write(struct.pack("<Q", len(blob)) + blob)
             data_start = dst.tell()
             for item in order:
@@ -120,11 +121,6 @@ def write_shard(path: Path, items: Sequence[Planned], metadata: Mapping[str, str
                     del weight
                 if dst.tell() - data_start != expected:
                     raise MergeError(f"internal error: {item.name} wrote the wrong number of bytes")
-    except OSError as exc:
-        # A full disk or a read-only target while writing names no file by itself.
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
     finally:
         for src in sources.values():
             src.close()
